@@ -1,0 +1,279 @@
+//! Integer grids, quantization parameters and the quantizer itself (ONNX `QuantizeLinear` semantics).
+
+use anyhow::{ensure, Result};
+use serde::Serialize;
+
+/// An integer grid: its bit width and signedness, and whether zero sits at its centre.
+///
+/// Symmetric signed grids are narrow: codes in `[-(2^(b-1) - 1), 2^(b-1) - 1]`, zero point 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Grid {
+    pub bits: u8,
+    pub signed: bool,
+    pub symmetric: bool,
+}
+
+impl Grid {
+    /// uint8 asymmetric: the default for activations.
+    pub const U8_ASYM: Grid = Grid { bits: 8, signed: false, symmetric: false };
+    /// int8 symmetric narrow range: the default for weights.
+    pub const I8_SYM: Grid = Grid { bits: 8, signed: true, symmetric: true };
+    /// int32, zero point 0: biases of Conv and Gemm.
+    pub const I32_BIAS: Grid = Grid { bits: 32, signed: true, symmetric: true };
+
+    /// Smallest code.
+    pub fn qmin(&self) -> i64 {
+        match (self.signed, self.symmetric) {
+            (false, _) => 0,
+            (true, true) => -((1i64 << (self.bits - 1)) - 1),
+            (true, false) => -(1i64 << (self.bits - 1)),
+        }
+    }
+
+    /// Largest code.
+    pub fn qmax(&self) -> i64 {
+        if self.signed { (1i64 << (self.bits - 1)) - 1 } else { (1i64 << self.bits) - 1 }
+    }
+
+    /// Scale and zero point covering `[min, max]` (widened to include 0), as ONNX Runtime computes them.
+    ///
+    /// A degenerate range gives scale 1 and the grid's zero. Errors on non-finite bounds.
+    pub fn params_for_range(&self, min: f32, max: f32) -> Result<(f32, i64)> {
+        ensure!(min.is_finite() && max.is_finite(), "range [{min}, {max}] is not finite");
+        let (mut lo, mut hi) = (min.min(0.0), max.max(0.0));
+        if self.symmetric {
+            let m = lo.abs().max(hi.abs());
+            (lo, hi) = (-m, m);
+        }
+        let (qmin, qmax) = (self.qmin(), self.qmax());
+        let scale = (hi - lo) / (qmax - qmin) as f32;
+        if scale < f32::MIN_POSITIVE {
+            let zero = if self.symmetric && self.signed { 0 } else { qmin.max(0) };
+            return Ok((1.0, zero));
+        }
+        let zp = if self.symmetric && self.signed {
+            0
+        } else {
+            ((qmin as f32 - lo / scale).round_ties_even() as i64).clamp(qmin, qmax)
+        };
+        Ok((scale, zp))
+    }
+
+    /// The code of `x`: `saturate(round_half_even(x / scale) + zero_point)`, exactly as ONNX specifies.
+    pub fn quantize(&self, x: f32, scale: f32, zero_point: i64) -> i64 {
+        let q = (x / scale).round_ties_even() as i64 + zero_point;
+        q.clamp(self.qmin(), self.qmax())
+    }
+
+    /// Quantize then dequantize: the value the quantized network sees for `x`.
+    pub fn fake_quant(&self, x: f32, scale: f32, zero_point: i64) -> f32 {
+        (self.quantize(x, scale, zero_point) - zero_point) as f32 * scale
+    }
+}
+
+/// Parameters of one quantized tensor: a scale and zero point per tensor, or per slice along `axis`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct QParams {
+    pub grid: Grid,
+    pub scale: Vec<f32>,
+    pub zero_point: Vec<i64>,
+    /// `Some(axis)` for per-channel parameters (one entry per index along `axis`).
+    pub axis: Option<usize>,
+}
+
+impl QParams {
+    /// Per-tensor parameters covering `[min, max]`.
+    pub fn per_tensor(grid: Grid, min: f32, max: f32) -> Result<QParams> {
+        let (s, z) = grid.params_for_range(min, max)?;
+        Ok(QParams { grid, scale: vec![s], zero_point: vec![z], axis: None })
+    }
+
+    /// Per-channel parameters along `axis`, one range per channel.
+    pub fn per_channel(grid: Grid, axis: usize, mins: &[f32], maxs: &[f32]) -> Result<QParams> {
+        let (scale, zero_point) = mins
+            .iter()
+            .zip(maxs)
+            .map(|(&lo, &hi)| grid.params_for_range(lo, hi))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
+        Ok(QParams { grid, scale, zero_point, axis: Some(axis) })
+    }
+
+    /// Quantizes a tensor of shape `dims` to codes.
+    ///
+    /// Panics if per-channel parameters do not match `dims[axis]`: plans guarantee it.
+    pub fn quantize_tensor(&self, data: &[f32], dims: &[usize]) -> Vec<i64> {
+        let (channels, inner) = self.layout(dims);
+        data.iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let c = if channels == 1 { 0 } else { (i / inner) % channels };
+                self.grid.quantize(x, self.scale[c], self.zero_point[c])
+            })
+            .collect()
+    }
+
+    /// Quantize-dequantize of a tensor of shape `dims`.
+    pub fn fake_quant_tensor(&self, data: &[f32], dims: &[usize]) -> Vec<f32> {
+        let (channels, inner) = self.layout(dims);
+        self.quantize_tensor(data, dims)
+            .into_iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let c = if channels == 1 { 0 } else { (i / inner) % channels };
+                (q - self.zero_point[c]) as f32 * self.scale[c]
+            })
+            .collect()
+    }
+
+    fn layout(&self, dims: &[usize]) -> (usize, usize) {
+        match self.axis {
+            Some(axis) => {
+                assert_eq!(dims[axis], self.scale.len(), "per-channel parameters do not match the tensor");
+                (dims[axis], dims[axis + 1..].iter().product())
+            }
+            None => (1, 1),
+        }
+    }
+}
+
+/// Enlarges weight scales where `input_scale * weight_scale` would push the int32 bias out of range
+/// (ONNX Runtime's rule: the bias scale must be at least `1.0001 * 2 |b| / (2^32 - 2)`).
+///
+/// `weight_scales` has one entry (per-tensor) or one per output channel. Returns whether any changed.
+pub fn guard_bias_overflow(input_scale: f32, weight_scales: &mut [f32], bias: &[f32]) -> bool {
+    let qrange = i32::MAX as f64 - (i32::MIN as f64 + 1.0);
+    let per_tensor = weight_scales.len() == 1;
+    let mut changed = false;
+    for (c, ws) in weight_scales.iter_mut().enumerate() {
+        let absmax = if per_tensor {
+            bias.iter().fold(0f64, |m, &b| m.max((b as f64).abs()))
+        } else {
+            (bias[c] as f64).abs()
+        };
+        let smallest = 1.0001 * 2.0 * absmax / qrange;
+        let candidate = input_scale as f64 * *ws as f64;
+        if candidate > 0.0 && candidate < smallest {
+            *ws = (*ws as f64 * smallest / candidate) as f32;
+            changed = true;
+        }
+    }
+    changed
+}
+
+/// Bias parameters: int32, zero point 0, scale `input_scale * weight_scale` (per channel if the weight is).
+pub fn bias_params(input_scale: f32, weight: &QParams) -> QParams {
+    let scale: Vec<f32> = weight.scale.iter().map(|&s| input_scale * s).collect();
+    QParams {
+        grid: Grid::I32_BIAS,
+        zero_point: vec![0; scale.len()],
+        axis: weight.axis.map(|_| 0),
+        scale,
+    }
+}
+
+/// Quantizes a bias with its (per-tensor or per-channel) scale in double precision, saturating to int32.
+pub fn quantize_bias(bias: &[f32], params: &QParams) -> Vec<i32> {
+    bias.iter()
+        .enumerate()
+        .map(|(c, &b)| {
+            let s = params.scale[if params.scale.len() == 1 { 0 } else { c }] as f64;
+            (b as f64 / s).round_ties_even().clamp(i32::MIN as f64, i32::MAX as f64) as i32
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn grids() -> impl Strategy<Value = Grid> {
+        (2u8..=8, any::<bool>(), any::<bool>()).prop_map(|(bits, signed, symmetric)| Grid { bits, signed, symmetric })
+    }
+
+    proptest! {
+        #[test]
+        fn zero_is_exactly_representable(grid in grids(), lo in -100f32..0.0, hi in 0f32..100.0) {
+            let (s, z) = grid.params_for_range(lo, hi).unwrap();
+            prop_assert_eq!(grid.fake_quant(0.0, s, z), 0.0);
+        }
+
+        #[test]
+        fn quantize_is_idempotent(grid in grids(), lo in -50f32..0.0, hi in 0.1f32..50.0, x in -80f32..80.0) {
+            let (s, z) = grid.params_for_range(lo, hi).unwrap();
+            let once = grid.fake_quant(x, s, z);
+            prop_assert_eq!(grid.fake_quant(once, s, z), once);
+        }
+
+        #[test]
+        fn codes_saturate_to_the_grid(grid in grids(), lo in -10f32..0.0, hi in 0.1f32..10.0, x in -1e6f32..1e6) {
+            let (s, z) = grid.params_for_range(lo, hi).unwrap();
+            let q = grid.quantize(x, s, z);
+            prop_assert!(q >= grid.qmin() && q <= grid.qmax());
+        }
+
+        #[test]
+        fn error_inside_the_range_is_at_most_half_a_step(lo in -10f32..-0.1, hi in 0.1f32..10.0, t in 0f32..1.0) {
+            let grid = Grid::U8_ASYM;
+            let (s, z) = grid.params_for_range(lo, hi).unwrap();
+            // Stay inside the representable range, which rounding of the zero point can shift by half a step.
+            let x = (lo + s) + t * (hi - lo - 2.0 * s);
+            prop_assert!((grid.fake_quant(x, s, z) - x).abs() <= s * 0.5001);
+        }
+
+        #[test]
+        fn per_channel_equals_per_tensor_on_equal_channels(values in prop::collection::vec(-5f32..5.0, 12)) {
+            let channels = 3;
+            let data: Vec<f32> = (0..channels).flat_map(|_| values.iter().copied()).collect();
+            let dims = [channels, 12];
+            let pc = crate::calib::weight_minmax(Grid::I8_SYM, &data, &dims, Some(0)).unwrap();
+            let pt = crate::calib::weight_minmax(Grid::I8_SYM, &data, &dims, None).unwrap();
+            prop_assert!(pc.scale.iter().all(|&s| s == pt.scale[0]));
+            prop_assert_eq!(pc.fake_quant_tensor(&data, &dims), pt.fake_quant_tensor(&data, &dims));
+        }
+    }
+
+    #[test]
+    fn onnx_runtime_uint8_parameters() {
+        // ONNX Runtime: scale = (max - min) / 255, zero point = round(-min / scale).
+        let (s, z) = Grid::U8_ASYM.params_for_range(-1.0, 3.0).unwrap();
+        assert_eq!((s, z), (4.0 / 255.0, 64));
+        let (s, z) = Grid::U8_ASYM.params_for_range(0.5, 2.0).unwrap();
+        assert_eq!((s, z), (2.0 / 255.0, 0), "the range is widened to include zero");
+    }
+
+    #[test]
+    fn symmetric_int8_is_narrow() {
+        assert_eq!((Grid::I8_SYM.qmin(), Grid::I8_SYM.qmax()), (-127, 127));
+        let (s, z) = Grid::I8_SYM.params_for_range(-0.5, 1.27).unwrap();
+        assert_eq!((s, z), (0.01, 0));
+        assert_eq!(Grid { bits: 4, signed: true, symmetric: true }.qmin(), -7);
+    }
+
+    #[test]
+    fn rounding_is_half_to_even() {
+        let g = Grid::U8_ASYM;
+        assert_eq!(g.quantize(2.5, 1.0, 0), 2);
+        assert_eq!(g.quantize(3.5, 1.0, 0), 4);
+    }
+
+    #[test]
+    fn degenerate_range_gives_unit_scale() {
+        assert_eq!(Grid::U8_ASYM.params_for_range(0.0, 0.0).unwrap(), (1.0, 0));
+        assert!(Grid::U8_ASYM.params_for_range(0.0, f32::INFINITY).is_err());
+    }
+
+    #[test]
+    fn bias_guard_enlarges_tiny_weight_scales() {
+        let mut ws = vec![1e-12, 0.1];
+        let bias = [1000.0, 1.0];
+        assert!(guard_bias_overflow(1e-3, &mut ws, &bias));
+        let w = QParams { grid: Grid::I8_SYM, scale: ws, zero_point: vec![0, 0], axis: Some(0) };
+        let p = bias_params(1e-3, &w);
+        let q = quantize_bias(&bias, &p);
+        assert!(q[0] < i32::MAX && q[0] > i32::MAX / 2, "{q:?}");
+        assert_eq!(w.scale[1], 0.1, "channels that fit are untouched");
+    }
+}

@@ -1,0 +1,215 @@
+//! Command-line interface: clap types and their conversion into the library's typed config.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{bail, ensure, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use lapq::config::{ChannelOrder, DataConfig, ImageConfig, Job, Layout, Method, QuantConfig};
+
+/// Post-training quantization of float ONNX models into QDQ ONNX models for ONNX Runtime.
+#[derive(Parser, Debug)]
+#[command(name = "lapq", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Quantize MODEL with calibration data and write a QDQ model.
+    Quantize(QuantizeArgs),
+    /// Print the quantization plan of MODEL: what is quantized, what stays float and why.
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// The float ONNX model (never modified).
+    pub model: PathBuf,
+    /// Where to write the QDQ model (written whole or not at all).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Calibration data: a folder of images, a .npz (one array per input, first axis = sample), a .npy
+    /// (single-input models), or a folder of ONNX test_data_set_* folders.
+    #[arg(long)]
+    pub calib: PathBuf,
+    /// Calibration method.
+    #[arg(long, value_enum, default_value_t = MethodArg::Minmax)]
+    pub method: MethodArg,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// Use at most N calibration samples, drawn at random with --seed.
+    #[arg(long, value_name = "N")]
+    pub max_samples: Option<usize>,
+    /// Seed for every random choice (same inputs and seed give a byte-identical model).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write a JSON report: per-site scales and zero points, float nodes and why, timings.
+    #[arg(long, value_name = "REPORT.json")]
+    pub report: Option<PathBuf>,
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// No progress bar and no summary.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The float ONNX model.
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// One scale per weight tensor instead of one per output channel.
+    #[arg(long)]
+    pub per_tensor: bool,
+    /// Keep these nodes (by name) in float.
+    #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
+    pub exclude_nodes: Vec<String>,
+    /// Keep every node of these operator types in float.
+    #[arg(long, value_delimiter = ',', value_name = "OP,...")]
+    pub exclude_op_types: Vec<String>,
+    /// Keep the first Conv/Gemm/MatMul in float.
+    #[arg(long)]
+    pub float_first_layer: bool,
+    /// Keep the last Conv/Gemm/MatMul in float.
+    #[arg(long)]
+    pub float_last_layer: bool,
+}
+
+/// How image folders are turned into tensors (ignored for array data).
+#[derive(Args, Debug)]
+pub struct ImageArgs {
+    /// Resize the short side to this many pixels before the centre crop [default: crop x 256 / 224].
+    #[arg(long, value_name = "PIXELS")]
+    pub resize: Option<u32>,
+    /// Centre crop HxW [default: the model input's size].
+    #[arg(long, value_name = "HxW")]
+    pub crop: Option<String>,
+    /// Per-channel mean subtracted from pixels in 0..255, one value or three [default: ImageNet].
+    #[arg(long, value_delimiter = ',', value_name = "M[,M,M]", conflicts_with_all = ["scale", "offset"])]
+    pub mean: Vec<f32>,
+    /// Per-channel standard deviation dividing pixels in 0..255, one value or three [default: ImageNet].
+    #[arg(long, value_delimiter = ',', value_name = "S[,S,S]", conflicts_with_all = ["scale", "offset"])]
+    pub std: Vec<f32>,
+    /// Normalise as pixel x SCALE + OFFSET instead of mean/std (e.g. --scale 0.00392157 for 0..1).
+    #[arg(long)]
+    pub scale: Option<f32>,
+    /// Offset added after --scale.
+    #[arg(long, allow_negative_numbers = true)]
+    pub offset: Option<f32>,
+    /// Channel order BGR instead of RGB.
+    #[arg(long)]
+    pub bgr: bool,
+    /// Input layout [default: from the model input's shape].
+    #[arg(long, value_enum)]
+    pub layout: Option<LayoutArg>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum MethodArg {
+    Minmax,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LayoutArg {
+    Nchw,
+    Nhwc,
+}
+
+impl PlanArgs {
+    pub fn to_config(&self, method: Method) -> QuantConfig {
+        QuantConfig {
+            method,
+            per_channel: !self.per_tensor,
+            exclude_nodes: self.exclude_nodes.clone(),
+            exclude_op_types: self.exclude_op_types.clone(),
+            float_first_layer: self.float_first_layer,
+            float_last_layer: self.float_last_layer,
+        }
+    }
+}
+
+impl QuantizeArgs {
+    /// The library job this command describes.
+    pub fn to_job(&self) -> Result<Job> {
+        let method = match self.method {
+            MethodArg::Minmax => Method::MinMax,
+        };
+        Ok(Job {
+            model: self.model.clone(),
+            output: self.output.clone(),
+            quant: self.plan.to_config(method),
+            data: DataConfig {
+                path: self.calib.clone(),
+                max_samples: self.max_samples,
+                seed: self.seed,
+                image: self.image.to_config()?,
+            },
+            progress: !self.quiet && std::io::stderr().is_terminal(),
+        })
+    }
+}
+
+impl ImageArgs {
+    fn to_config(&self) -> Result<ImageConfig> {
+        let mut c = ImageConfig { resize: self.resize, ..ImageConfig::default() };
+        if let Some(crop) = &self.crop {
+            let (h, w) = crop.split_once(['x', 'X']).unwrap_or((crop, crop));
+            let parse = |v: &str| v.trim().parse::<u32>().ok().filter(|&v| v > 0);
+            let (Some(h), Some(w)) = (parse(h), parse(w)) else { bail!("--crop '{crop}': expected HxW, e.g. 224x224") };
+            c.crop = Some((h, w));
+        }
+        if !self.mean.is_empty() {
+            c.mean = three("--mean", &self.mean)?;
+        }
+        if !self.std.is_empty() {
+            c.std = three("--std", &self.std)?;
+            ensure!(c.std.iter().all(|&s| s != 0.0), "--std must not be 0");
+        }
+        if self.scale.is_some() || self.offset.is_some() {
+            let scale = self.scale.unwrap_or(1.0);
+            ensure!(scale != 0.0, "--scale must not be 0");
+            let offset = self.offset.unwrap_or(0.0);
+            // pixel * scale + offset == (pixel - mean) / std with std = 1/scale, mean = -offset/scale.
+            c.mean = [-offset / scale; 3];
+            c.std = [1.0 / scale; 3];
+        }
+        if self.bgr {
+            c.channels = ChannelOrder::Bgr;
+        }
+        c.layout = self.layout.map(|l| match l {
+            LayoutArg::Nchw => Layout::Nchw,
+            LayoutArg::Nhwc => Layout::Nhwc,
+        });
+        Ok(c)
+    }
+}
+
+fn three(flag: &str, v: &[f32]) -> Result<[f32; 3]> {
+    match v {
+        [a] => Ok([*a; 3]),
+        [a, b, c] => Ok([*a, *b, *c]),
+        _ => bail!("{flag}: expected one value or three, got {}", v.len()),
+    }
+}
+
+/// Writes `text` to `path` atomically.
+pub fn write_text(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    ensure!(dir.is_dir(), "report folder {} does not exist", dir.display());
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,236 @@
+//! QDQ export: a copy of the original model with QuantizeLinear/DequantizeLinear inserted where the plan
+//! says, weights stored quantized behind a lone DequantizeLinear, int32 biases, the opset raised when
+//! needed, and names as ONNX Runtime's quantizer writes them. Never reads tract's graph.
+
+mod opset;
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{ensure, Context, Result};
+
+use crate::calib::{quantize_bias, Params, QParams};
+use crate::ir::{ConstSource, GraphIndex, QuantPlan, RangeSource};
+use crate::onnx::{
+    self, make_tensor, tensor_dims, tensor_f32, AttributeProto, ModelProto, NodeProto, TensorData, TensorProto,
+};
+
+/// Builds the QDQ model. `params` is aligned with the plan's sites.
+pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Result<ModelProto> {
+    ensure!(
+        params.activations.len() == plan.activations.len()
+            && params.weights.len() == plan.weights.len()
+            && params.biases.len() == plan.biases.len(),
+        "internal: parameters do not match the plan"
+    );
+    let src = index.graph;
+    let mut names = Names { index, used: HashSet::new() };
+    let mut new_inits: Vec<TensorProto> = vec![];
+    let mut head: Vec<NodeProto> = vec![];
+    // Tensor renames applied to every node input (the Q nodes read the original tensor).
+    let mut input_rename: HashMap<String, String> = HashMap::new();
+    // Per-node input renames (a shared bias duplicated for one node).
+    let mut node_input_rename: HashMap<(usize, String), String> = HashMap::new();
+    // A folded activation's producer writes the activation's output instead of its own.
+    let fold_rename: HashMap<&str, &str> =
+        plan.folded.iter().map(|f| (f.upstream.as_str(), f.output.as_str())).collect();
+    // A quantized graph output is written by its final DequantizeLinear; the producer writes `<t>_QuantizeLinear_Input`.
+    let mut output_rename: HashMap<String, String> = HashMap::new();
+    let mut removed_nodes: HashSet<usize> = plan.folded.iter().map(|f| f.node).collect();
+    let mut removed_consts: HashSet<String> = HashSet::new();
+
+    for (site, p) in plan.weights.iter().zip(&params.weights) {
+        let c = index.constant(&site.tensor).with_context(|| format!("weight '{}' is not a constant", site.tensor))?;
+        let t = c.tensor();
+        let dims = tensor_dims(t)?;
+        let values = tensor_f32(t)?;
+        let codes = p.quantize_tensor(&values, &dims);
+        let w = &site.tensor;
+        let (q, scale, zp) = (names.fresh(&format!("{w}_quantized")), names.fresh(&format!("{w}_scale")), names.fresh(&format!("{w}_zero_point")));
+        new_inits.push(make_tensor(&q, &dims, codes_data(p, &codes)));
+        new_inits.extend(scale_zp(&scale, &zp, p));
+        let dq_out = names.fresh(&format!("{w}_DequantizeLinear_Output"));
+        head.push(qdq_node("DequantizeLinear", &names.fresh(&format!("{w}_DequantizeLinear")), [&q, &scale, &zp], &dq_out, p.axis));
+        input_rename.insert(w.clone(), dq_out);
+        removed_consts.insert(w.clone());
+        if let ConstSource::ConstantNode(i, _) = c {
+            removed_nodes.insert(i);
+        }
+    }
+
+    let mut beta_reset: HashSet<usize> = HashSet::new();
+    for (site, p) in plan.biases.iter().zip(&params.biases) {
+        let c = index.constant(&site.tensor).with_context(|| format!("bias '{}' is not a constant", site.tensor))?;
+        let values: Vec<f32> = tensor_f32(c.tensor())?.into_iter().map(|b| b * site.beta).collect();
+        if site.beta != 1.0 {
+            beta_reset.insert(site.node);
+        }
+        let b = &site.name;
+        let q = names.fresh(&format!("{b}_quantized"));
+        let (scale, zp) = (names.fresh(&format!("{q}_scale")), names.fresh(&format!("{q}_zero_point")));
+        new_inits.push(make_tensor(&q, &[values.len()], TensorData::I32(quantize_bias(&values, p))));
+        new_inits.extend(scale_zp(&scale, &zp, p));
+        head.push(qdq_node("DequantizeLinear", &names.fresh(&format!("{b}_DequantizeLinear")), [&q, &scale, &zp], b, p.axis));
+        if *b != site.tensor {
+            node_input_rename.insert((site.node, site.tensor.clone()), b.clone());
+        }
+        removed_consts.insert(site.tensor.clone());
+        if let ConstSource::ConstantNode(i, _) = c {
+            removed_nodes.insert(i);
+        }
+    }
+
+    // Activation Q/DQ pairs, emitted after the tensor's producer (or first, for graph inputs).
+    // A site sharing another's parameters reads that site's scale and zero point initializers.
+    let mut after: HashMap<String, Vec<NodeProto>> = HashMap::new();
+    let mut param_names: Vec<(String, String)> = Vec::with_capacity(plan.activations.len());
+    for (site, p) in plan.activations.iter().zip(&params.activations) {
+        let t = &site.tensor;
+        let (scale, zp) = match site.range {
+            RangeSource::SameAs(j) => param_names[j].clone(),
+            _ => {
+                let names = (names.fresh(&format!("{t}_scale")), names.fresh(&format!("{t}_zero_point")));
+                new_inits.extend(scale_zp(&names.0, &names.1, p));
+                names
+            }
+        };
+        param_names.push((scale.clone(), zp.clone()));
+        let q_out = names.fresh(&format!("{t}_QuantizeLinear_Output"));
+        let (q_in, dq_out) = if index.is_graph_output(t) {
+            let q_in = names.fresh(&format!("{t}_QuantizeLinear_Input"));
+            output_rename.insert(t.clone(), q_in.clone());
+            (q_in, t.clone())
+        } else {
+            let dq_out = names.fresh(&format!("{t}_DequantizeLinear_Output"));
+            input_rename.insert(t.clone(), dq_out.clone());
+            (t.clone(), dq_out)
+        };
+        let pair = vec![
+            qdq_node("QuantizeLinear", &names.fresh(&format!("{t}_QuantizeLinear")), [&q_in, &scale, &zp], &q_out, None),
+            qdq_node("DequantizeLinear", &names.fresh(&format!("{t}_DequantizeLinear")), [&q_out, &scale, &zp], &dq_out, None),
+        ];
+        if index.producer(t).is_some() {
+            after.entry(t.clone()).or_default().extend(pair);
+        } else {
+            head.extend(pair);
+        }
+    }
+
+    let mut nodes = head;
+    for &i in &index.order {
+        if removed_nodes.contains(&i) {
+            continue;
+        }
+        let mut node = src.node[i].clone();
+        for inp in node.input.iter_mut().filter(|s| !s.is_empty()) {
+            if let Some(r) = node_input_rename.get(&(i, inp.clone())) {
+                *inp = r.clone();
+            } else if let Some(r) = input_rename.get(inp.as_str()) {
+                *inp = r.clone();
+            }
+        }
+        let mut site_outputs = vec![];
+        for out in node.output.iter_mut().filter(|s| !s.is_empty()) {
+            if let Some(&r) = fold_rename.get(out.as_str()) {
+                *out = r.to_string();
+            }
+            site_outputs.push(out.clone());
+            if let Some(r) = output_rename.get(out.as_str()) {
+                *out = r.clone();
+            }
+        }
+        if beta_reset.contains(&i) {
+            set_float_attr(&mut node, "beta", 1.0);
+        }
+        nodes.push(node);
+        for t in site_outputs {
+            if let Some(pair) = after.remove(&t) {
+                nodes.extend(pair);
+            }
+        }
+    }
+    ensure!(after.is_empty(), "internal: Q/DQ for tensors without a producer: {:?}", after.keys().collect::<Vec<_>>());
+
+    let mut model = index.model.clone();
+    let graph = model.graph.as_mut().context("model has no graph")?;
+    graph.node = nodes;
+    graph.initializer.retain(|t| !removed_consts.contains(t.name()));
+    graph.initializer.extend(new_inits);
+    graph.input.retain(|i| !removed_consts.contains(i.name()));
+    let live: HashSet<String> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().chain(&n.output))
+        .chain(graph.input.iter().chain(&graph.output).filter_map(|i| i.name.as_ref()))
+        .cloned()
+        .collect();
+    graph.value_info.retain(|vi| live.contains(vi.name()));
+    let needs = if plan.has_per_channel() { 13 } else { 10 };
+    opset::raise_default_opset(&mut model, needs)?;
+    GraphIndex::new(&model).context("internal: the exported graph is malformed")?;
+    Ok(model)
+}
+
+fn set_float_attr(node: &mut NodeProto, name: &str, value: f32) {
+    match node.attribute.iter_mut().find(|a| a.name() == name) {
+        Some(a) => a.f = Some(value),
+        None => node.attribute.push(AttributeProto {
+            name: Some(name.into()),
+            f: Some(value),
+            r#type: Some(onnx::proto::attribute_proto::AttributeType::Float as i32),
+            ..Default::default()
+        }),
+    }
+}
+
+fn qdq_node(op: &str, name: &str, inputs: [&str; 3], output: &str, axis: Option<usize>) -> NodeProto {
+    NodeProto {
+        op_type: Some(op.into()),
+        name: Some(name.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.into()],
+        attribute: axis
+            .map(|a| AttributeProto {
+                name: Some("axis".into()),
+                i: Some(a as i64),
+                r#type: Some(onnx::proto::attribute_proto::AttributeType::Int as i32),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Scale (float) and zero point (the grid's integer type) initializers: scalars per tensor, 1-D per channel.
+fn scale_zp(scale: &str, zp: &str, p: &QParams) -> [TensorProto; 2] {
+    let dims: Vec<usize> = if p.axis.is_some() { vec![p.scale.len()] } else { vec![] };
+    [make_tensor(scale, &dims, TensorData::F32(p.scale.clone())), make_tensor(zp, &dims, codes_data(p, &p.zero_point))]
+}
+
+/// Integer codes in the grid's container type.
+fn codes_data(p: &QParams, codes: &[i64]) -> TensorData {
+    match (p.grid.bits, p.grid.signed) {
+        (32, _) => TensorData::I32(codes.iter().map(|&c| c as i32).collect()),
+        (_, true) => TensorData::I8(codes.iter().map(|&c| c as i8).collect()),
+        (_, false) => TensorData::U8(codes.iter().map(|&c| c as u8).collect()),
+    }
+}
+
+/// New names, made unique against the model's own names and each other.
+struct Names<'a, 'm> {
+    index: &'a GraphIndex<'m>,
+    used: HashSet<String>,
+}
+
+impl Names<'_, '_> {
+    fn fresh(&mut self, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut k = 1;
+        while self.index.name_taken(&name) || self.used.contains(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        self.used.insert(name.clone());
+        name
+    }
+}

@@ -1,0 +1,11 @@
+//! The read-only graph index, the op-type policy table and the quantization plan.
+
+mod index;
+mod plan;
+mod policy;
+
+pub use index::{ConstSource, GraphIndex, ModelInput};
+pub use plan::{
+    plan, ActivationSite, BiasSite, Decision, Folded, NodeEntry, QuantPlan, RangeSource, SkipReason, WeightSite,
+};
+pub use policy::{op_class, OpClass};

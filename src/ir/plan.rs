@@ -1,0 +1,481 @@
+//! The quantization plan: which tensors get quantized with which grid, and why every other node stays
+//! float. Decided from the graph and the config alone; no numbers are computed here.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use anyhow::{bail, Result};
+use serde::Serialize;
+
+use super::index::GraphIndex;
+use super::policy::{self, OpClass};
+use crate::calib::Grid;
+use crate::config::QuantConfig;
+use crate::onnx::{self, tensor_dims, tensor_f32};
+
+/// Where an activation site's range comes from.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum RangeSource {
+    /// Observed on this float-model tensor during calibration.
+    Observed(String),
+    /// Fixed by the operator's semantics (e.g. Softmax output in [0, 1]).
+    Fixed(f32, f32),
+    /// The same parameters as another activation site (data movement keeps scales equal).
+    SameAs(usize),
+}
+
+/// A float tensor computed at run time that gets a QuantizeLinear -> DequantizeLinear pair.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ActivationSite {
+    /// The tensor's name in the exported graph (after folding activations into producers).
+    pub tensor: String,
+    pub range: RangeSource,
+    pub grid: Grid,
+}
+
+/// A constant stored quantized behind a lone DequantizeLinear.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WeightSite {
+    /// Initializer or `Constant` output name.
+    pub tensor: String,
+    /// Per-channel axis, `None` for one scale per tensor.
+    pub axis: Option<usize>,
+    pub grid: Grid,
+}
+
+/// An int32 bias of a Conv/Gemm: scale = input scale x weight scale, zero point 0.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BiasSite {
+    /// The float bias constant.
+    pub tensor: String,
+    /// Name the node reads the dequantized bias under (differs from `tensor` for a shared bias).
+    pub name: String,
+    /// Consuming node (index into the graph's nodes).
+    pub node: usize,
+    /// Activation site of the node's input.
+    pub input: usize,
+    /// Weight site of the node's weight.
+    pub weight: usize,
+    /// Gemm's `beta`, folded into the quantized bias (1 for Conv).
+    pub beta: f32,
+}
+
+/// A Relu/Clip removed from the graph: its producer writes `output` directly, whose range saturates
+/// exactly as the activation did.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Folded {
+    pub node: usize,
+    pub upstream: String,
+    pub output: String,
+}
+
+/// Why a node stays in float.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum SkipReason {
+    ExcludedByName,
+    ExcludedByOpType,
+    FirstLayerKeptFloat,
+    LastLayerKeptFloat,
+    NoIntegerKernel,
+    InputNotQuantized(String),
+    NotFloat,
+    ConstantActivation(String),
+    NonConstantWeight(String),
+    UnsupportedBias(String, &'static str),
+    GemmAlphaNotOne(f32),
+    WeightConflict(String),
+    PadValueNotZero,
+}
+
+impl SkipReason {
+    /// A stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SkipReason::ExcludedByName => "excluded_by_name",
+            SkipReason::ExcludedByOpType => "excluded_by_op_type",
+            SkipReason::FirstLayerKeptFloat => "first_layer_kept_float",
+            SkipReason::LastLayerKeptFloat => "last_layer_kept_float",
+            SkipReason::NoIntegerKernel => "no_integer_kernel",
+            SkipReason::InputNotQuantized(_) => "input_not_quantized",
+            SkipReason::NotFloat => "not_float",
+            SkipReason::ConstantActivation(_) => "constant_activation",
+            SkipReason::NonConstantWeight(_) => "non_constant_weight",
+            SkipReason::UnsupportedBias(..) => "unsupported_bias",
+            SkipReason::GemmAlphaNotOne(_) => "gemm_alpha_not_one",
+            SkipReason::WeightConflict(_) => "weight_conflict",
+            SkipReason::PadValueNotZero => "pad_value_not_zero",
+        }
+    }
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SkipReason::ExcludedByName => write!(f, "excluded by name (--exclude-nodes)"),
+            SkipReason::ExcludedByOpType => write!(f, "excluded by op type (--exclude-op-types)"),
+            SkipReason::FirstLayerKeptFloat => write!(f, "first layer kept float (--float-first-layer)"),
+            SkipReason::LastLayerKeptFloat => write!(f, "last layer kept float (--float-last-layer)"),
+            SkipReason::NoIntegerKernel => write!(f, "op type has no integer kernel in ONNX Runtime"),
+            SkipReason::InputNotQuantized(t) => write!(f, "data-movement op whose input '{t}' is not quantized"),
+            SkipReason::NotFloat => write!(f, "no float32 tensors to quantize"),
+            SkipReason::ConstantActivation(t) => write!(f, "activation input '{t}' is a constant"),
+            SkipReason::NonConstantWeight(t) => write!(f, "weight '{t}' is not a constant"),
+            SkipReason::UnsupportedBias(t, why) => write!(f, "bias '{t}' {why}"),
+            SkipReason::GemmAlphaNotOne(a) => write!(f, "Gemm alpha is {a}, integer kernels need 1"),
+            SkipReason::WeightConflict(t) => {
+                write!(f, "weight '{t}' is shared with a node that quantizes it differently")
+            }
+            SkipReason::PadValueNotZero => write!(f, "constant pad value is not zero"),
+        }
+    }
+}
+
+/// What the plan does with a node.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub enum Decision {
+    /// Runs on quantized inputs and outputs (ONNX Runtime can fuse it into an integer kernel).
+    Quantized,
+    /// A Relu/Clip removed: the producer's quantization range saturates the same way.
+    Folded,
+    /// A `Constant` whose value is stored quantized as a weight.
+    ConstantWeight,
+    /// Left in float, with the reason.
+    Float(SkipReason),
+}
+
+/// One node of the graph and the plan's decision, in graph order.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NodeEntry {
+    pub name: String,
+    pub op_type: String,
+    pub decision: Decision,
+}
+
+/// Everything the plan decided.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct QuantPlan {
+    pub activations: Vec<ActivationSite>,
+    pub weights: Vec<WeightSite>,
+    pub biases: Vec<BiasSite>,
+    pub folded: Vec<Folded>,
+    pub nodes: Vec<NodeEntry>,
+}
+
+impl QuantPlan {
+    /// Whether any weight is quantized per channel (requires opset 13).
+    pub fn has_per_channel(&self) -> bool {
+        self.weights.iter().any(|w| w.axis.is_some())
+    }
+}
+
+/// Operator types that mark a model as already quantized.
+const QUANTIZED_OPS: &[&str] = &[
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "QLinearConv",
+    "QLinearMatMul",
+    "ConvInteger",
+    "MatMulInteger",
+];
+
+/// Plans the quantization of the indexed graph. Refuses models that are already quantized.
+pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
+    let graph = index.graph;
+    if let Some(node) = graph.node.iter().find(|n| QUANTIZED_OPS.contains(&n.op_type())) {
+        bail!(
+            "node '{}' is a {}: the model is already quantized; lapq quantizes float models",
+            onnx::node_label(node),
+            node.op_type()
+        );
+    }
+    let names: HashSet<&str> = graph.node.iter().map(|n| n.name()).collect();
+    for name in &config.exclude_nodes {
+        if !names.contains(name.as_str()) {
+            bail!("--exclude-nodes: the model has no node named '{name}'");
+        }
+    }
+    let layers: Vec<usize> = index.order.iter().copied().filter(|&i| policy::is_layer(index.node(i))).collect();
+    let mut planner = Planner { index, config, plan: QuantPlan::default(), act: HashMap::new(), wt: HashMap::new() };
+    let mut decisions: Vec<Option<Decision>> = vec![None; graph.node.len()];
+    for &i in &index.order {
+        let node = index.node(i);
+        let excluded = if config.exclude_nodes.iter().any(|n| n == node.name()) {
+            Some(SkipReason::ExcludedByName)
+        } else if config.exclude_op_types.iter().any(|t| t == node.op_type()) {
+            Some(SkipReason::ExcludedByOpType)
+        } else if config.float_first_layer && layers.first() == Some(&i) {
+            Some(SkipReason::FirstLayerKeptFloat)
+        } else if config.float_last_layer && layers.last() == Some(&i) {
+            Some(SkipReason::LastLayerKeptFloat)
+        } else {
+            None
+        };
+        decisions[i] = Some(match excluded {
+            Some(reason) => Decision::Float(reason),
+            None => planner.node(i)?,
+        });
+    }
+    let mut plan = planner.plan;
+    for (i, node) in graph.node.iter().enumerate() {
+        let mut decision = decisions[i].take().unwrap_or(Decision::Float(SkipReason::NoIntegerKernel));
+        if node.op_type() == "Constant" && plan.weights.iter().any(|w| node.output.first() == Some(&w.tensor)) {
+            decision = Decision::ConstantWeight;
+        }
+        plan.nodes.push(NodeEntry {
+            name: onnx::node_label(node),
+            op_type: node.op_type().to_string(),
+            decision,
+        });
+    }
+    Ok(plan)
+}
+
+struct Planner<'a, 'm> {
+    index: &'a GraphIndex<'m>,
+    config: &'a QuantConfig,
+    plan: QuantPlan,
+    /// Activation site of each quantized tensor (by its current name).
+    act: HashMap<String, usize>,
+    /// Weight site of each quantized constant.
+    wt: HashMap<String, usize>,
+}
+
+/// How a constant input of a node is to be quantized.
+struct WeightUse {
+    tensor: String,
+    axis: Option<usize>,
+    grid: Grid,
+}
+
+impl Planner<'_, '_> {
+    fn node(&mut self, i: usize) -> Result<Decision> {
+        let node = self.index.node(i);
+        let Some(class) = policy::op_class(node) else {
+            return Ok(Decision::Float(SkipReason::NoIntegerKernel));
+        };
+        let float_outputs: Vec<&String> =
+            node.output.iter().filter(|o| !o.is_empty() && self.index.is_float(o)).collect();
+        if float_outputs.is_empty() {
+            return Ok(Decision::Float(SkipReason::NotFloat));
+        }
+        match class {
+            OpClass::Linear => self.linear(i),
+            OpClass::MatMul => self.all_inputs(i, None),
+            OpClass::Independent(fixed) => self.all_inputs(i, fixed),
+            OpClass::RemovableActivation => Ok(self.activation(i)),
+            OpClass::SameAsInput => Ok(self.same_as_input(i)),
+        }
+    }
+
+    fn linear(&mut self, i: usize) -> Result<Decision> {
+        let node = self.index.node(i);
+        let x = node.input.first().map(String::as_str).unwrap_or("");
+        let w = node.input.get(1).map(String::as_str).unwrap_or("");
+        let b = node.input.get(2).map(String::as_str).filter(|b| !b.is_empty());
+        if self.index.constant(x).is_some() {
+            return Ok(Decision::Float(SkipReason::ConstantActivation(x.into())));
+        }
+        if !self.index.is_float(x) {
+            return Ok(Decision::Float(SkipReason::NotFloat));
+        }
+        let Some(wc) = self.index.constant(w).filter(|c| c.tensor().data_type() == onnx::DataType::Float as i32)
+        else {
+            return Ok(Decision::Float(SkipReason::NonConstantWeight(w.into())));
+        };
+        if node.op_type() == "Gemm" {
+            let alpha = onnx::attr_f(node, "alpha", 1.0);
+            if alpha != 1.0 {
+                return Ok(Decision::Float(SkipReason::GemmAlphaNotOne(alpha)));
+            }
+        }
+        let wdims = tensor_dims(wc.tensor())?;
+        let axis = policy::weight_axis(node, wdims.len());
+        let Some(&channels) = wdims.get(axis) else {
+            bail!("node '{}': weight '{w}' has shape {wdims:?}", onnx::node_label(node));
+        };
+        if let Some(b) = b {
+            let Some(bc) = self.index.constant(b).filter(|c| c.tensor().data_type() == onnx::DataType::Float as i32)
+            else {
+                return Ok(Decision::Float(SkipReason::UnsupportedBias(b.into(), "is not a float constant")));
+            };
+            let bdims = tensor_dims(bc.tensor())?;
+            if bdims.len() != 1 {
+                return Ok(Decision::Float(SkipReason::UnsupportedBias(b.into(), "is not one-dimensional")));
+            }
+            if node.op_type() == "Gemm" && bdims[0] != channels {
+                return Ok(Decision::Float(SkipReason::UnsupportedBias(b.into(), "does not have one value per output")));
+            }
+            if node.op_type() != "Gemm" && bdims[0] != channels * group_factor(node, axis) {
+                return Ok(Decision::Float(SkipReason::UnsupportedBias(b.into(), "does not match the output channels")));
+            }
+        }
+        let per_channel = self.config.per_channel && group_factor(node, axis) == 1;
+        let weight = WeightUse { tensor: w.into(), axis: per_channel.then_some(axis), grid: Grid::I8_SYM };
+        if let Some(reason) = self.weight_conflict(&weight) {
+            return Ok(Decision::Float(reason));
+        }
+        let input = self.activation_site(x);
+        let weight = self.weight_site(weight);
+        if let Some(b) = b {
+            let name = self.bias_name(b);
+            let beta = if node.op_type() == "Gemm" { onnx::attr_f(node, "beta", 1.0) } else { 1.0 };
+            self.plan.biases.push(BiasSite { tensor: b.into(), name, node: i, input, weight, beta });
+        }
+        self.outputs(i, None);
+        Ok(Decision::Quantized)
+    }
+
+    /// MatMul and the ops with independent parameters: every float input and every float output.
+    fn all_inputs(&mut self, i: usize, fixed: Option<(f32, f32)>) -> Result<Decision> {
+        let node = self.index.node(i);
+        let is_matmul = node.op_type() == "MatMul";
+        let mut weights = vec![];
+        let mut acts = vec![];
+        for (k, t) in node.input.iter().enumerate().filter(|(_, t)| !t.is_empty()) {
+            if !self.index.is_float(t) {
+                return Ok(Decision::Float(SkipReason::NotFloat));
+            }
+            match self.index.constant(t) {
+                Some(c) if is_matmul => {
+                    let rank = tensor_dims(c.tensor())?.len();
+                    let axis = (k == 1 && self.config.per_channel && rank >= 2).then(|| rank - 1);
+                    weights.push(WeightUse { tensor: t.clone(), axis, grid: Grid::I8_SYM });
+                }
+                Some(_) => weights.push(WeightUse { tensor: t.clone(), axis: None, grid: Grid::U8_ASYM }),
+                None => acts.push(t.as_str()),
+            }
+        }
+        if let Some(reason) = weights.iter().find_map(|w| self.weight_conflict(w)) {
+            return Ok(Decision::Float(reason));
+        }
+        for w in weights {
+            self.weight_site(w);
+        }
+        for t in acts {
+            self.activation_site(t);
+        }
+        self.outputs(i, fixed);
+        Ok(Decision::Quantized)
+    }
+
+    fn activation(&mut self, i: usize) -> Decision {
+        let node = self.index.node(i);
+        let (x, y) = (node.input[0].as_str(), node.output[0].as_str());
+        let Some(&site) = self.act.get(x) else {
+            return Decision::Float(SkipReason::InputNotQuantized(x.into()));
+        };
+        let foldable = self.plan.activations[site].range == RangeSource::Observed(x.into())
+            && self.index.consumers(x).len() == 1
+            && self.index.producer(x).is_some()
+            && !self.index.is_graph_output(x)
+            && node.input.iter().skip(1).all(|t| t.is_empty() || self.index.constant(t).is_some());
+        if foldable {
+            self.act.remove(x);
+            self.act.insert(y.into(), site);
+            let s = &mut self.plan.activations[site];
+            s.tensor = y.into();
+            s.range = RangeSource::Observed(y.into());
+            self.plan.folded.push(Folded { node: i, upstream: x.into(), output: y.into() });
+            Decision::Folded
+        } else {
+            self.outputs(i, None);
+            Decision::Quantized
+        }
+    }
+
+    fn same_as_input(&mut self, i: usize) -> Decision {
+        let node = self.index.node(i);
+        let x = node.input[0].as_str();
+        let Some(&site) = self.act.get(x) else {
+            return Decision::Float(SkipReason::InputNotQuantized(x.into()));
+        };
+        if node.op_type() == "Pad" && !pad_value_is_zero(self.index, node) {
+            return Decision::Float(SkipReason::PadValueNotZero);
+        }
+        for out in node.output.iter().filter(|o| !o.is_empty() && self.index.is_float(o)) {
+            let grid = self.plan.activations[site].grid;
+            self.push_activation(out, RangeSource::SameAs(site), grid);
+        }
+        Decision::Quantized
+    }
+
+    fn outputs(&mut self, i: usize, fixed: Option<(f32, f32)>) {
+        let node = self.index.node(i);
+        for out in node.output.iter().filter(|o| !o.is_empty() && self.index.is_float(o)) {
+            let range = match fixed {
+                Some((lo, hi)) => RangeSource::Fixed(lo, hi),
+                None => RangeSource::Observed(out.clone()),
+            };
+            self.push_activation(out, range, Grid::U8_ASYM);
+        }
+    }
+
+    fn activation_site(&mut self, tensor: &str) -> usize {
+        match self.act.get(tensor) {
+            Some(&s) => s,
+            None => self.push_activation(tensor, RangeSource::Observed(tensor.into()), Grid::U8_ASYM),
+        }
+    }
+
+    fn push_activation(&mut self, tensor: &str, range: RangeSource, grid: Grid) -> usize {
+        if let Some(&s) = self.act.get(tensor) {
+            return s;
+        }
+        self.plan.activations.push(ActivationSite { tensor: tensor.into(), range, grid });
+        self.act.insert(tensor.into(), self.plan.activations.len() - 1);
+        self.plan.activations.len() - 1
+    }
+
+    fn weight_conflict(&self, w: &WeightUse) -> Option<SkipReason> {
+        let &site = self.wt.get(&w.tensor)?;
+        let s = &self.plan.weights[site];
+        (s.axis != w.axis || s.grid != w.grid).then(|| SkipReason::WeightConflict(w.tensor.clone()))
+    }
+
+    fn weight_site(&mut self, w: WeightUse) -> usize {
+        if let Some(&s) = self.wt.get(&w.tensor) {
+            return s;
+        }
+        self.wt.insert(w.tensor.clone(), self.plan.weights.len());
+        self.plan.weights.push(WeightSite { tensor: w.tensor, axis: w.axis, grid: w.grid });
+        self.plan.weights.len() - 1
+    }
+
+    /// ONNX Runtime's naming of a bias used by several nodes: `<bias>0`, `<bias>1`, ...
+    fn bias_name(&self, bias: &str) -> String {
+        if !self.plan.biases.iter().any(|b| b.name == bias) {
+            return bias.into();
+        }
+        (0..)
+            .map(|k| format!("{bias}{k}"))
+            .find(|n| !self.index.name_taken(n) && !self.plan.biases.iter().any(|b| &b.name == n))
+            .unwrap_or_default()
+    }
+}
+
+/// Channels of a grouped ConvTranspose weight cover one group only; per-channel needs all of them.
+fn group_factor(node: &onnx::NodeProto, axis: usize) -> usize {
+    if node.op_type() == "ConvTranspose" && axis == 1 {
+        onnx::attr_i(node, "group", 1).max(1) as usize
+    } else {
+        1
+    }
+}
+
+fn pad_value_is_zero(index: &GraphIndex, node: &onnx::NodeProto) -> bool {
+    let mode = onnx::attr(node, "mode").and_then(|a| a.s.as_deref()).unwrap_or(b"constant");
+    if mode != b"constant" {
+        return true;
+    }
+    if onnx::attr_f(node, "value", 0.0) != 0.0 {
+        return false;
+    }
+    match node.input.get(2).filter(|t| !t.is_empty()) {
+        None => true,
+        Some(t) => index
+            .constant(t)
+            .and_then(|c| tensor_f32(c.tensor()).ok())
+            .is_some_and(|v| v.iter().all(|&x| x == 0.0)),
+    }
+}

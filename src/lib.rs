@@ -1,0 +1,142 @@
+//! `lapq`: post-training quantization of float ONNX models into QDQ ONNX models.
+//!
+//! The pipeline, one call per stage (see the README's table):
+//! read -> index -> plan -> data -> statistics (oracle) -> calibrate -> export -> report.
+
+pub mod calib;
+pub mod config;
+pub mod data;
+pub mod export;
+pub mod ir;
+pub mod onnx;
+pub mod oracle;
+pub mod report;
+
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use calib::{Params, QParams, RangeStats};
+use config::{Job, QuantConfig};
+use ir::{GraphIndex, QuantPlan, RangeSource};
+use report::{Report, Timings};
+
+/// Quantizes `job.model` with calibration data `job.data` and writes the QDQ model to `job.output`.
+pub fn quantize(job: &Job) -> Result<Report> {
+    let mut timings = Timings::start();
+    check_output_path(&job.model, &job.output)?;
+    let (model, external) = onnx::read_model(&job.model)?;
+    let index = GraphIndex::new(&model).with_context(|| format!("model {}", job.model.display()))?;
+    timings.lap("read");
+    let plan = ir::plan(&index, &job.quant)?;
+    timings.lap("plan");
+    let samples = data::load(&job.data, index.inputs())?;
+    timings.lap("data");
+    let stats = observe_ranges(&model, &plan, &samples, job.progress)?;
+    timings.lap("statistics");
+    let params = calibrate_minmax(&index, &plan, &stats)?;
+    timings.lap("calibrate");
+    let qdq = export::qdq_model(&index, &plan, &params)?;
+    onnx::write_model(&qdq, &job.output, external)?;
+    timings.lap("export");
+    Ok(Report::new(job, &plan, &params, &stats, samples.len(), timings))
+}
+
+/// Reads a model and plans its quantization without touching data: what `lapq inspect` shows.
+pub fn inspect(model_path: &Path, config: &QuantConfig) -> Result<QuantPlan> {
+    let (model, _) = onnx::read_model(model_path)?;
+    let index = GraphIndex::new(&model).with_context(|| format!("model {}", model_path.display()))?;
+    ir::plan(&index, config)
+}
+
+/// Fails early, before any long work, when the output cannot be written or would overwrite the input.
+fn check_output_path(model: &Path, output: &Path) -> Result<()> {
+    let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    ensure!(dir.is_dir(), "output folder {} does not exist", dir.display());
+    if let (Ok(a), Ok(b)) = (model.canonicalize(), output.canonicalize()) {
+        ensure!(a != b, "output {} is the input model: lapq never modifies its input", output.display());
+    }
+    Ok(())
+}
+
+/// Range statistics of every observed activation site, indexed like `plan.activations` (`None` where the
+/// range is fixed or shared).
+fn observe_ranges(
+    model: &onnx::ModelProto,
+    plan: &QuantPlan,
+    samples: &[data::Sample],
+    progress: bool,
+) -> Result<Vec<Option<RangeStats>>> {
+    let observed: Vec<(usize, String)> = plan
+        .activations
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match &s.range {
+            RangeSource::Observed(t) => Some((i, t.clone())),
+            _ => None,
+        })
+        .collect();
+    let taps: Vec<String> = observed.iter().map(|(_, t)| t.clone()).collect();
+    let float = oracle::FloatModel::load(&onnx::encode_model(model), &taps)?;
+    let bar = progress_bar(samples.len() as u64, "statistics", progress);
+    let per_worker = float.observe(
+        samples,
+        || vec![RangeStats::default(); taps.len()],
+        |acc, k, dims, values| acc[k].observe(dims, values),
+        &|| bar.inc(1),
+    )?;
+    bar.finish_and_clear();
+    let mut merged = vec![RangeStats::default(); taps.len()];
+    for acc in &per_worker {
+        for (m, a) in merged.iter_mut().zip(acc) {
+            m.merge(a);
+        }
+    }
+    let mut stats = vec![None; plan.activations.len()];
+    for ((site, _), s) in observed.into_iter().zip(merged) {
+        stats[site] = Some(s);
+    }
+    Ok(stats)
+}
+
+/// MinMax parameters for every site; biases get int32 parameters after the overflow guard has enlarged
+/// any weight scale that needs it.
+fn calibrate_minmax(index: &GraphIndex, plan: &QuantPlan, stats: &[Option<RangeStats>]) -> Result<Params> {
+    let mut activations: Vec<QParams> = Vec::with_capacity(plan.activations.len());
+    for (i, site) in plan.activations.iter().enumerate() {
+        let p = match (&site.range, &stats[i]) {
+            (RangeSource::Observed(_), Some(s)) if s.count > 0 => QParams::per_tensor(site.grid, s.min, s.max),
+            (RangeSource::Observed(t), _) => Err(anyhow::anyhow!("tensor '{t}' was not observed as float32")),
+            (RangeSource::Fixed(lo, hi), _) => QParams::per_tensor(site.grid, *lo, *hi),
+            (RangeSource::SameAs(j), _) => Ok(activations[*j].clone()),
+        };
+        activations.push(p.with_context(|| format!("activation '{}'", site.tensor))?);
+    }
+    let mut weights = Vec::with_capacity(plan.weights.len());
+    for site in &plan.weights {
+        let t = index.constant(&site.tensor).context("weight is a constant")?.tensor();
+        let p = calib::weight_minmax(site.grid, &onnx::tensor_f32(t)?, &onnx::tensor_dims(t)?, site.axis);
+        weights.push(p.with_context(|| format!("weight '{}'", site.tensor))?);
+    }
+    let mut bias_values = Vec::with_capacity(plan.biases.len());
+    for b in &plan.biases {
+        let t = index.constant(&b.tensor).context("bias is a constant")?.tensor();
+        let values: Vec<f32> = onnx::tensor_f32(t)?.into_iter().map(|v| v * b.beta).collect();
+        calib::guard_bias_overflow(activations[b.input].scale[0], &mut weights[b.weight].scale, &values);
+        bias_values.push(values);
+    }
+    let biases = plan.biases.iter().map(|b| calib::bias_params(activations[b.input].scale[0], &weights[b.weight])).collect();
+    Ok(Params { activations, weights, biases })
+}
+
+/// A progress bar with ETA on stderr; drawn only on a terminal and when `enabled`.
+fn progress_bar(len: u64, what: &str, enabled: bool) -> ProgressBar {
+    let target = if enabled { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+    let bar = ProgressBar::with_draw_target(Some(len), target);
+    if let Ok(style) = ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} samples, ETA {eta}") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_string());
+    bar
+}

@@ -1,0 +1,49 @@
+mod cli;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::Parser;
+
+use cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Quantize(args) => {
+            let job = args.to_job()?;
+            if let Some(path) = &args.report {
+                anyhow::ensure!(
+                    path.parent().filter(|p| !p.as_os_str().is_empty()).is_none_or(|p| p.is_dir()),
+                    "report folder {} does not exist",
+                    path.parent().map(|p| p.display().to_string()).unwrap_or_default()
+                );
+            }
+            let report = lapq::quantize(&job)?;
+            if let Some(path) = &args.report {
+                cli::write_text(path, &serde_json::to_string_pretty(&report)?)?;
+            }
+            if !args.quiet {
+                eprintln!("{}", report.summary());
+            }
+        }
+        Command::Inspect(args) => {
+            let plan = lapq::inspect(&args.model, &args.plan.to_config(Default::default()))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", lapq::report::plan_text(&plan));
+            }
+        }
+    }
+    Ok(())
+}

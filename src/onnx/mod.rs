@@ -1,0 +1,60 @@
+//! ONNX protobuf I/O: the prost types generated from the vendored `proto/onnx.proto`, reading and writing
+//! models (with external data), tensor <-> buffer conversions and typed attribute getters.
+//!
+//! Nothing here decides anything about quantization.
+
+mod io;
+mod tensor;
+
+pub use io::{decode_model, encode_model, read_model, write_model};
+pub use tensor::{
+    elem_type_name, make_tensor, tensor_dims, tensor_f32, tensor_i64, tensor_num_elements, TensorData,
+};
+
+#[allow(clippy::all, missing_docs)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
+}
+
+pub use proto::tensor_proto::DataType;
+pub use proto::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    ValueInfoProto,
+};
+
+/// The default ("ai.onnx") domain's opset version imported by `model`, if any.
+pub fn default_opset(model: &ModelProto) -> Option<i64> {
+    model
+        .opset_import
+        .iter()
+        .find(|o| matches!(o.domain(), "" | "ai.onnx"))
+        .map(|o| o.version())
+}
+
+/// The attribute `name` of `node`, if present.
+pub fn attr<'a>(node: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+    node.attribute.iter().find(|a| a.name() == name)
+}
+
+/// Integer attribute `name`, or `default` when absent.
+pub fn attr_i(node: &NodeProto, name: &str, default: i64) -> i64 {
+    attr(node, name).and_then(|a| a.i).unwrap_or(default)
+}
+
+/// Float attribute `name`, or `default` when absent.
+pub fn attr_f(node: &NodeProto, name: &str, default: f32) -> f32 {
+    attr(node, name).and_then(|a| a.f).unwrap_or(default)
+}
+
+/// A short human label for a node: its name, or its op type and first output when unnamed.
+pub fn node_label(node: &NodeProto) -> String {
+    if node.name().is_empty() {
+        format!(
+            "{} -> {}",
+            node.op_type(),
+            node.output.first().map(String::as_str).unwrap_or("?")
+        )
+    } else {
+        node.name().to_string()
+    }
+}

@@ -1,0 +1,179 @@
+//! Conversions between `TensorProto` and plain buffers.
+
+use anyhow::{bail, ensure, Context, Result};
+
+use super::{DataType, TensorProto};
+
+/// Typed element buffer for building a `TensorProto` (always stored as little-endian `raw_data`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    F32(Vec<f32>),
+    I8(Vec<i8>),
+    U8(Vec<u8>),
+    I32(Vec<i32>),
+    I64(Vec<i64>),
+}
+
+impl TensorData {
+    fn len(&self) -> usize {
+        match self {
+            TensorData::F32(v) => v.len(),
+            TensorData::I8(v) => v.len(),
+            TensorData::U8(v) => v.len(),
+            TensorData::I32(v) => v.len(),
+            TensorData::I64(v) => v.len(),
+        }
+    }
+}
+
+/// Builds an initializer `name` of shape `dims` holding `data`.
+///
+/// Panics if `dims` does not describe `data.len()` elements: callers construct both together.
+pub fn make_tensor(name: &str, dims: &[usize], data: TensorData) -> TensorProto {
+    assert_eq!(dims.iter().product::<usize>(), data.len(), "tensor {name}: dims/data mismatch");
+    let (data_type, raw) = match data {
+        TensorData::F32(v) => (DataType::Float, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        TensorData::I8(v) => (DataType::Int8, v.iter().map(|&x| x as u8).collect()),
+        TensorData::U8(v) => (DataType::Uint8, v),
+        TensorData::I32(v) => (DataType::Int32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        TensorData::I64(v) => (DataType::Int64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+    };
+    TensorProto {
+        name: Some(name.to_string()),
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: Some(data_type as i32),
+        raw_data: Some(raw),
+        ..Default::default()
+    }
+}
+
+/// The tensor's dimensions; an error for negative dimensions.
+pub fn tensor_dims(t: &TensorProto) -> Result<Vec<usize>> {
+    t.dims
+        .iter()
+        .map(|&d| usize::try_from(d).with_context(|| format!("tensor '{}' has negative dimension {d}", t.name())))
+        .collect()
+}
+
+/// Number of elements the tensor's dimensions describe.
+pub fn tensor_num_elements(t: &TensorProto) -> Result<usize> {
+    Ok(tensor_dims(t)?.iter().product())
+}
+
+/// Name of an ONNX element type, for messages.
+pub fn elem_type_name(data_type: i32) -> &'static str {
+    DataType::try_from(data_type).map(|d| d.as_str_name()).unwrap_or("UNKNOWN")
+}
+
+/// The tensor's values as `f32` (from FLOAT or DOUBLE data, raw or typed fields).
+///
+/// External data must have been resolved by `read_model` before.
+pub fn tensor_f32(t: &TensorProto) -> Result<Vec<f32>> {
+    let n = tensor_num_elements(t)?;
+    let values: Vec<f32> = match DataType::try_from(t.data_type()) {
+        Ok(DataType::Float) => match &t.raw_data {
+            Some(raw) if !raw.is_empty() || t.float_data.is_empty() => {
+                le_chunks::<4>(raw, t)?.map(f32::from_le_bytes).collect()
+            }
+            _ => t.float_data.clone(),
+        },
+        Ok(DataType::Double) => match &t.raw_data {
+            Some(raw) if !raw.is_empty() || t.double_data.is_empty() => {
+                le_chunks::<8>(raw, t)?.map(|b| f64::from_le_bytes(b) as f32).collect()
+            }
+            _ => t.double_data.iter().map(|&x| x as f32).collect(),
+        },
+        _ => bail!("tensor '{}' has element type {}, expected FLOAT", t.name(), elem_type_name(t.data_type())),
+    };
+    ensure!(
+        values.len() == n,
+        "tensor '{}' holds {} values but its dims {:?} need {n}",
+        t.name(),
+        values.len(),
+        t.dims
+    );
+    Ok(values)
+}
+
+/// The tensor's values as `i64` (from INT64 or INT32 data).
+pub fn tensor_i64(t: &TensorProto) -> Result<Vec<i64>> {
+    let n = tensor_num_elements(t)?;
+    let values: Vec<i64> = match DataType::try_from(t.data_type()) {
+        Ok(DataType::Int64) => match &t.raw_data {
+            Some(raw) if !raw.is_empty() || t.int64_data.is_empty() => {
+                le_chunks::<8>(raw, t)?.map(i64::from_le_bytes).collect()
+            }
+            _ => t.int64_data.clone(),
+        },
+        Ok(DataType::Int32) => match &t.raw_data {
+            Some(raw) if !raw.is_empty() || t.int32_data.is_empty() => {
+                le_chunks::<4>(raw, t)?.map(|b| i32::from_le_bytes(b) as i64).collect()
+            }
+            _ => t.int32_data.iter().map(|&x| x as i64).collect(),
+        },
+        _ => bail!("tensor '{}' has element type {}, expected INT64", t.name(), elem_type_name(t.data_type())),
+    };
+    ensure!(
+        values.len() == n,
+        "tensor '{}' holds {} values but its dims {:?} need {n}",
+        t.name(),
+        values.len(),
+        t.dims
+    );
+    Ok(values)
+}
+
+fn le_chunks<'a, const N: usize>(
+    raw: &'a [u8],
+    t: &TensorProto,
+) -> Result<impl Iterator<Item = [u8; N]> + 'a> {
+    ensure!(
+        raw.len() % N == 0,
+        "tensor '{}' raw data of {} bytes is not a whole number of {N}-byte elements",
+        t.name(),
+        raw.len()
+    );
+    Ok(raw.chunks_exact(N).map(|c| {
+        let mut b = [0u8; N];
+        b.copy_from_slice(c);
+        b
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f32_round_trip_through_raw_data() {
+        let t = make_tensor("w", &[2, 2], TensorData::F32(vec![1.0, -2.5, 0.0, 3.25]));
+        assert_eq!(tensor_f32(&t).unwrap(), vec![1.0, -2.5, 0.0, 3.25]);
+    }
+
+    #[test]
+    fn typed_float_data_is_read() {
+        let t = TensorProto {
+            name: Some("w".into()),
+            dims: vec![3],
+            data_type: Some(DataType::Float as i32),
+            float_data: vec![1.0, 2.0, 3.0],
+            ..Default::default()
+        };
+        assert_eq!(tensor_f32(&t).unwrap(), vec![1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    fn wrong_element_count_names_the_tensor() {
+        let mut t = make_tensor("w", &[2], TensorData::F32(vec![1.0, 2.0]));
+        t.dims = vec![3];
+        let err = tensor_f32(&t).unwrap_err().to_string();
+        assert!(err.contains("'w'") && err.contains("need 3"), "{err}");
+    }
+
+    #[test]
+    fn int_tensor_is_refused_as_float() {
+        let t = make_tensor("ids", &[1], TensorData::I64(vec![4]));
+        assert!(tensor_f32(&t).unwrap_err().to_string().contains("INT64"));
+        assert_eq!(tensor_i64(&t).unwrap(), vec![4]);
+    }
+}

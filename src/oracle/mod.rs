@@ -1,0 +1,141 @@
+//! The only module that uses tract: it runs the float model and shows the caller the tensors it asks
+//! for, by their ONNX names. (The loss oracle of LAPQ will live here too.)
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use anyhow::{anyhow, Context, Result};
+use tract_onnx::prelude::*;
+
+use crate::data::{Sample, Values};
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// The float model loaded once, with chosen tensors ("taps") exposed as outputs.
+pub struct FloatModel {
+    template: InferenceModel,
+    /// Per tap: `Ok(output index)` in the runnable model, or `Err(input index)` for a model input.
+    taps: Vec<std::result::Result<usize, usize>>,
+    /// Optimized plans by input shapes (a symbolic batch or size gets a plan per concrete shape).
+    plans: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
+}
+
+impl FloatModel {
+    /// Loads ONNX `model_bytes` and exposes `taps` (ONNX tensor names) before tract optimizes any wire
+    /// away. Stale or symbolic `value_info` and output shapes are ignored.
+    pub fn load(model_bytes: &[u8], taps: &[String]) -> Result<FloatModel> {
+        let mut model = tract_onnx::onnx()
+            .with_ignore_output_shapes(true)
+            .with_ignore_value_info(true)
+            .model_for_read(&mut &model_bytes[..])
+            .map_err(|e| anyhow!("tract cannot load the model: {e:#}"))?;
+        let inputs = model.input_outlets()?.to_vec();
+        let mut outlets = vec![];
+        let mut tap_ix = vec![];
+        for name in taps {
+            let outlet = model
+                .find_outlet_label(name)
+                .or_else(|| model.node_by_name(name).ok().map(|n| OutletId::new(n.id, 0)))
+                .with_context(|| format!("tensor '{name}' cannot be found in tract's graph"))?;
+            match inputs.iter().position(|&i| i == outlet) {
+                Some(k) => tap_ix.push(Err(k)),
+                None => {
+                    tap_ix.push(Ok(outlets.len()));
+                    outlets.push(outlet);
+                }
+            }
+        }
+        model.select_output_outlets(&outlets)?;
+        for k in 0..outlets.len() {
+            model.set_output_fact(k, InferenceFact::default())?;
+        }
+        Ok(FloatModel { template: model, taps: tap_ix, plans: Mutex::new(HashMap::new()) })
+    }
+
+    fn plan_for(&self, sample: &Sample) -> Result<Plan> {
+        let key: Vec<Vec<usize>> = sample.inputs.iter().map(|t| t.dims.clone()).collect();
+        let mut plans = self.plans.lock().map_err(|_| anyhow!("a worker panicked"))?;
+        if let Some(p) = plans.get(&key) {
+            return Ok(p.clone());
+        }
+        let mut model = self.template.clone();
+        for (k, t) in sample.inputs.iter().enumerate() {
+            let dt = match t.values {
+                Values::F32(_) => f32::datum_type(),
+                Values::I64(_) => i64::datum_type(),
+            };
+            model.set_input_fact(k, InferenceFact::dt_shape(dt, &t.dims))?;
+        }
+        let plan = model
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| anyhow!("tract cannot optimize the model for input shapes {key:?}: {e:#}"))?;
+        plans.insert(key, plan.clone());
+        Ok(plan)
+    }
+
+    /// Runs every sample, on all cores, and calls `visit(acc, tap, dims, values)` for every float tap.
+    ///
+    /// Each worker folds into its own accumulator from `init`; the accumulators are returned for the
+    /// caller to merge. `tick` is called once per finished sample.
+    pub fn observe<A, I, V>(&self, samples: &[Sample], init: I, visit: V, tick: &(dyn Fn() + Sync)) -> Result<Vec<A>>
+    where
+        A: Send,
+        I: Fn() -> A + Sync,
+        V: Fn(&mut A, usize, &[usize], &[f32]) + Sync,
+    {
+        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(samples.len()).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    let (init, visit) = (&init, &visit);
+                    scope.spawn(move || -> Result<A> {
+                        let mut acc = init();
+                        for sample in samples.iter().skip(w).step_by(workers) {
+                            self.run_one(sample, &mut acc, visit)
+                                .with_context(|| format!("running the float model on {}", sample.origin))?;
+                            tick();
+                        }
+                        Ok(acc)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| anyhow!("a calibration worker panicked"))?)
+                .collect()
+        })
+    }
+
+    fn run_one<A>(
+        &self,
+        sample: &Sample,
+        acc: &mut A,
+        visit: &(impl Fn(&mut A, usize, &[usize], &[f32]) + Sync),
+    ) -> Result<()> {
+        let plan = self.plan_for(sample)?;
+        let inputs: TVec<TValue> = sample
+            .inputs
+            .iter()
+            .map(|t| {
+                Ok(match &t.values {
+                    Values::F32(v) => Tensor::from_shape(&t.dims, v)?,
+                    Values::I64(v) => Tensor::from_shape(&t.dims, v)?,
+                }
+                .into())
+            })
+            .collect::<Result<_>>()?;
+        let outputs = plan.run(inputs.clone()).map_err(|e| anyhow!("{e:#}"))?;
+        for (k, tap) in self.taps.iter().enumerate() {
+            let value = match tap {
+                Ok(o) => &outputs[*o],
+                Err(i) => &inputs[*i],
+            };
+            if value.datum_type() == f32::datum_type() {
+                let view = value.try_as_plain_ram()?;
+                visit(acc, k, value.shape(), view.as_slice::<f32>()?);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,204 @@
+//! What a run did: per-site parameters, nodes left in float and why, timings. Decides nothing.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::calib::{Params, RangeStats};
+use crate::config::{Job, QuantConfig};
+use crate::ir::{Decision, QuantPlan, RangeSource};
+
+/// Wall-clock time per stage, in milliseconds, in pipeline order.
+#[derive(Clone, Debug, Serialize)]
+pub struct Timings {
+    #[serde(skip)]
+    last: Instant,
+    #[serde(skip)]
+    start: Instant,
+    pub stages_ms: Vec<(String, u128)>,
+    pub total_ms: u128,
+}
+
+impl Timings {
+    /// Starts the clock.
+    pub fn start() -> Timings {
+        let now = Instant::now();
+        Timings { last: now, start: now, stages_ms: vec![], total_ms: 0 }
+    }
+
+    /// Records the time since the previous lap under `stage`.
+    pub fn lap(&mut self, stage: &str) {
+        let now = Instant::now();
+        self.stages_ms.push((stage.to_string(), (now - self.last).as_millis()));
+        self.total_ms = (now - self.start).as_millis();
+        self.last = now;
+    }
+}
+
+/// One activation site's parameters and the range they came from.
+#[derive(Clone, Debug, Serialize)]
+pub struct ActivationEntry {
+    pub tensor: String,
+    pub range_source: String,
+    pub observed_min: Option<f32>,
+    pub observed_max: Option<f32>,
+    pub scale: f32,
+    pub zero_point: i64,
+    pub bits: u8,
+    pub signed: bool,
+}
+
+/// One quantized constant's parameters.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConstantEntry {
+    pub tensor: String,
+    pub axis: Option<usize>,
+    pub scale: Vec<f32>,
+    pub zero_point: Vec<i64>,
+    pub bits: u8,
+    pub signed: bool,
+}
+
+/// A node left in float.
+#[derive(Clone, Debug, Serialize)]
+pub struct SkippedNode {
+    pub node: String,
+    pub op_type: String,
+    pub code: &'static str,
+    pub reason: String,
+}
+
+/// Everything `--report` writes.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub model: String,
+    pub output: String,
+    pub method: String,
+    pub config: QuantConfig,
+    pub calibration_samples: usize,
+    pub nodes_quantized: usize,
+    pub nodes_folded: usize,
+    pub nodes_float: usize,
+    pub activations: Vec<ActivationEntry>,
+    pub weights: Vec<ConstantEntry>,
+    pub biases: Vec<ConstantEntry>,
+    pub skipped: Vec<SkippedNode>,
+    pub timings: Timings,
+}
+
+impl Report {
+    /// Collects the report of a finished run.
+    pub fn new(
+        job: &Job,
+        plan: &QuantPlan,
+        params: &Params,
+        stats: &[Option<RangeStats>],
+        samples: usize,
+        timings: Timings,
+    ) -> Report {
+        let activations = plan
+            .activations
+            .iter()
+            .zip(&params.activations)
+            .zip(stats)
+            .map(|((site, p), s)| ActivationEntry {
+                tensor: site.tensor.clone(),
+                range_source: match &site.range {
+                    RangeSource::Observed(t) => format!("observed on '{t}'"),
+                    RangeSource::Fixed(lo, hi) => format!("fixed [{lo}, {hi}]"),
+                    RangeSource::SameAs(j) => format!("same as '{}'", plan.activations[*j].tensor),
+                },
+                observed_min: s.as_ref().map(|s| s.min),
+                observed_max: s.as_ref().map(|s| s.max),
+                scale: p.scale[0],
+                zero_point: p.zero_point[0],
+                bits: p.grid.bits,
+                signed: p.grid.signed,
+            })
+            .collect();
+        let constant = |tensor: &str, p: &crate::calib::QParams| ConstantEntry {
+            tensor: tensor.to_string(),
+            axis: p.axis,
+            scale: p.scale.clone(),
+            zero_point: p.zero_point.clone(),
+            bits: p.grid.bits,
+            signed: p.grid.signed,
+        };
+        let count = |f: fn(&Decision) -> bool| plan.nodes.iter().filter(|n| f(&n.decision)).count();
+        Report {
+            model: job.model.display().to_string(),
+            output: job.output.display().to_string(),
+            method: format!("{:?}", job.quant.method).to_lowercase(),
+            config: job.quant.clone(),
+            calibration_samples: samples,
+            nodes_quantized: count(|d| matches!(d, Decision::Quantized)),
+            nodes_folded: count(|d| matches!(d, Decision::Folded)),
+            nodes_float: count(|d| matches!(d, Decision::Float(_))),
+            activations,
+            weights: plan.weights.iter().zip(&params.weights).map(|(s, p)| constant(&s.tensor, p)).collect(),
+            biases: plan.biases.iter().zip(&params.biases).map(|(s, p)| constant(&s.name, p)).collect(),
+            skipped: skipped_nodes(plan),
+            timings,
+        }
+    }
+
+    /// A few lines for the terminal.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "wrote {} ({} quantized nodes, {} activations folded, {} nodes float; {} activation and {} weight \
+             sites; {} calibration samples; {:.1} s)",
+            self.output,
+            self.nodes_quantized,
+            self.nodes_folded,
+            self.nodes_float,
+            self.activations.len(),
+            self.weights.len(),
+            self.calibration_samples,
+            self.timings.total_ms as f64 / 1000.0
+        );
+        for n in self.skipped.iter().filter(|n| n.op_type != "Constant") {
+            s.push_str(&format!("\n  float: {} ({}): {}", n.node, n.op_type, n.reason));
+        }
+        s
+    }
+}
+
+/// Nodes left in float, with their reasons, in graph order.
+pub fn skipped_nodes(plan: &QuantPlan) -> Vec<SkippedNode> {
+    plan.nodes
+        .iter()
+        .filter_map(|n| match &n.decision {
+            Decision::Float(r) => Some(SkippedNode {
+                node: n.name.clone(),
+                op_type: n.op_type.clone(),
+                code: r.code(),
+                reason: r.to_string(),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The plan as text: one line per node with its decision, then the site counts.
+pub fn plan_text(plan: &QuantPlan) -> String {
+    let width = plan.nodes.iter().map(|n| n.name.len()).max().unwrap_or(0).min(48);
+    let mut s = String::new();
+    for n in &plan.nodes {
+        let what = match &n.decision {
+            Decision::Quantized => "quantized".to_string(),
+            Decision::Folded => "folded into its producer's range".to_string(),
+            Decision::ConstantWeight => "constant stored quantized".to_string(),
+            Decision::Float(r) => format!("float: {r}"),
+        };
+        s.push_str(&format!("{:<width$}  {:<18} {what}\n", n.name, n.op_type));
+    }
+    s.push_str(&format!(
+        "{} activation sites, {} weights ({} per-channel), {} int32 biases, {} Relu/Clip folded\n",
+        plan.activations.len(),
+        plan.weights.len(),
+        plan.weights.iter().filter(|w| w.axis.is_some()).count(),
+        plan.biases.len(),
+        plan.folded.len()
+    ));
+    s
+}

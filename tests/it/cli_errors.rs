@@ -1,0 +1,143 @@
+//! Bad input: a one-line error naming the file or tensor, a non-zero exit, no output, never a panic.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::{fixture, lapq, python, tempdir};
+
+/// Runs `lapq quantize` expecting failure; returns stderr after checking the common contract.
+fn fails(model: &Path, out: &Path, calib: &Path) -> String {
+    let o = lapq(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "expected exit 1: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected: {stderr}");
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert!(!out.exists(), "partial output {} was written", out.display());
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(leftovers.iter().all(|f| !f.to_string_lossy().starts_with(".tmp")), "temp files left: {leftovers:?}");
+    stderr
+}
+
+#[test]
+fn truncated_model() {
+    let dir = tempdir();
+    let bytes = std::fs::read(fixture("conv_relu").join("model.onnx")).unwrap();
+    let model = dir.path().join("truncated.onnx");
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    let err = fails(&model, &dir.path().join("q.onnx"), &fixture("conv_relu").join("calib.npz"));
+    assert!(err.contains("truncated.onnx") && err.contains("not an ONNX model"), "{err}");
+}
+
+#[test]
+fn non_onnx_file() {
+    let dir = tempdir();
+    let model = crate::root().join("Cargo.toml");
+    let err = fails(&model, &dir.path().join("q.onnx"), &fixture("conv_relu").join("calib.npz"));
+    assert!(err.contains("Cargo.toml") && err.contains("not an ONNX model"), "{err}");
+}
+
+#[test]
+fn missing_model() {
+    let dir = tempdir();
+    let err = fails(&dir.path().join("nope.onnx"), &dir.path().join("q.onnx"), &fixture("conv_relu").join("calib.npz"));
+    assert!(err.contains("nope.onnx"), "{err}");
+}
+
+#[test]
+fn missing_calibration_folder() {
+    let dir = tempdir();
+    let missing = dir.path().join("no-such-folder");
+    let err = fails(&fixture("conv_relu").join("model.onnx"), &dir.path().join("q.onnx"), &missing);
+    assert!(err.contains("no-such-folder") && err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn undecodable_image() {
+    let dir = tempdir();
+    let err = fails(&fixture("classifier").join("model.onnx"), &dir.path().join("q.onnx"), &fixture("images_bad"));
+    assert!(err.contains("broken.png"), "{err}");
+}
+
+#[test]
+fn npz_with_wrong_names() {
+    let dir = tempdir();
+    let npz = dir.path().join("wrong.npz");
+    let o = Command::new(python())
+        .args(["-c", "import numpy as np, sys; np.savez(sys.argv[1], image=np.zeros((2, 3, 16, 16), np.float32))"])
+        .arg(&npz)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = fails(&fixture("conv_relu").join("model.onnx"), &dir.path().join("q.onnx"), &npz);
+    assert!(err.contains("wrong.npz") && err.contains("'input'") && err.contains("image"), "{err}");
+}
+
+#[test]
+fn npz_with_wrong_shapes() {
+    let dir = tempdir();
+    // matmul's calibration data is [16, 8, 16]; conv_relu expects [N, 3, 16, 16].
+    let err = fails(&fixture("conv_relu").join("model.onnx"), &dir.path().join("q.onnx"), &fixture("matmul").join("calib.npz"));
+    assert!(err.contains("calib.npz") && err.contains("'input'") && err.contains("expects"), "{err}");
+}
+
+#[test]
+fn output_in_a_missing_folder() {
+    let dir = tempdir();
+    let out = dir.path().join("missing").join("q.onnx");
+    let o = lapq(&[
+        "quantize",
+        fixture("conv_relu").join("model.onnx").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        fixture("conv_relu").join("calib.npz").to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr.contains("missing") && stderr.contains("does not exist"), "{stderr}");
+    assert!(!stderr.contains("panicked"));
+    assert!(!out.exists());
+}
+
+#[test]
+fn output_equal_to_input_is_refused() {
+    let dir = tempdir();
+    let model = dir.path().join("m.onnx");
+    std::fs::copy(fixture("conv_relu").join("model.onnx"), &model).unwrap();
+    let before = std::fs::read(&model).unwrap();
+    let o = lapq(&[
+        "quantize",
+        model.to_str().unwrap(),
+        "-o",
+        model.to_str().unwrap(),
+        "--calib",
+        fixture("conv_relu").join("calib.npz").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(std::fs::read(&model).unwrap(), before);
+}
+
+#[test]
+fn already_quantized_model_is_refused() {
+    let dir = tempdir();
+    let q = dir.path().join("q.onnx");
+    crate::quantize(&fixture("conv_relu").join("model.onnx"), &q, &fixture("conv_relu").join("calib.npz"), &["--quiet"]);
+    let err = fails(&q, &dir.path().join("qq.onnx"), &fixture("conv_relu").join("calib.npz"));
+    assert!(err.contains("already quantized"), "{err}");
+}
+
+#[test]
+fn unknown_excluded_node_is_an_error() {
+    let o = lapq(&["inspect", fixture("conv_relu").join("model.onnx").to_str().unwrap(), "--exclude-nodes", "nope"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("'nope'"));
+}

@@ -1,0 +1,114 @@
+//! Every fixture model quantizes, passes onnx.checker, loads in ONNX Runtime, fuses, and stays close to
+//! ONNX Runtime's float outputs; plans are snapshotted.
+
+use crate::{check_qdq, fixture, lapq, quantize, tempdir};
+
+/// Fixtures, and the float op types that must all be fused into integer kernels in ONNX Runtime.
+const FIXTURES: &[(&str, &str)] = &[
+    ("conv_relu", "Conv"),
+    ("residual_add", "Conv,Add"),
+    ("depthwise_conv", "Conv"),
+    ("gemm", "Gemm"),
+    ("matmul", "MatMul,Add"),
+    ("concat", "Conv,Concat"),
+    ("shared_weight", "Conv"),
+    ("unsupported_op", "Conv"),
+    ("constant_nodes", "Conv,Gemm"),
+    ("classifier", "Conv,Gemm"),
+    ("external_data", "Conv"),
+];
+
+#[test]
+fn every_fixture_per_channel_matches_onnx_runtime_and_fuses() {
+    let dir = tempdir();
+    for (name, fused) in FIXTURES {
+        let (model, calib) = (fixture(name).join("model.onnx"), fixture(name).join("calib.npz"));
+        let out = dir.path().join(format!("{name}.onnx"));
+        quantize(&model, &out, &calib, &["--quiet"]);
+        let report = check_qdq(&model, &out, &calib, "w8a8", fused);
+        assert_eq!(report["pass"], true, "{name}: {report}");
+    }
+}
+
+#[test]
+fn every_fixture_per_tensor_matches_onnx_runtime() {
+    let dir = tempdir();
+    for (name, fused) in FIXTURES {
+        let (model, calib) = (fixture(name).join("model.onnx"), fixture(name).join("calib.npz"));
+        let out = dir.path().join(format!("{name}.onnx"));
+        quantize(&model, &out, &calib, &["--quiet", "--per-tensor"]);
+        check_qdq(&model, &out, &calib, "w8a8_per_tensor", fused);
+    }
+}
+
+#[test]
+fn plans_are_stable() {
+    for (name, _) in FIXTURES {
+        let model = fixture(name).join("model.onnx");
+        let o = lapq(&["inspect", model.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        insta::assert_snapshot!(format!("plan_{name}"), String::from_utf8_lossy(&o.stdout));
+    }
+}
+
+#[test]
+fn same_input_and_seed_give_byte_identical_output() {
+    let dir = tempdir();
+    let model = fixture("classifier").join("model.onnx");
+    let calib = fixture("classifier").join("calib.npz");
+    let before = std::fs::read(&model).unwrap();
+    let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
+    quantize(&model, &a, &calib, &["--quiet", "--max-samples", "8", "--seed", "7"]);
+    quantize(&model, &b, &calib, &["--quiet", "--max-samples", "8", "--seed", "7"]);
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    assert_eq!(std::fs::read(&model).unwrap(), before, "the input model was modified");
+}
+
+#[test]
+fn external_data_is_written_beside_the_output() {
+    let dir = tempdir();
+    let model = fixture("external_data").join("model.onnx");
+    let out = dir.path().join("q.onnx");
+    quantize(&model, &out, &fixture("external_data").join("calib.npz"), &["--quiet"]);
+    assert!(dir.path().join("q.onnx.data").is_file());
+    // check_qdq loads it by path, so ONNX Runtime and the checker resolve the external file.
+    check_qdq(&model, &out, &fixture("external_data").join("calib.npz"), "w8a8", "Conv");
+}
+
+#[test]
+fn excluded_and_first_last_layers_stay_float_with_reasons() {
+    let model = fixture("classifier").join("model.onnx");
+    let o = lapq(&[
+        "inspect",
+        model.to_str().unwrap(),
+        "--exclude-op-types",
+        "GlobalAveragePool",
+        "--float-first-layer",
+        "--float-last-layer",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let decision = |op: &str| {
+        plan["nodes"].as_array().unwrap().iter().find(|n| n["op_type"] == op).unwrap()["decision"].clone()
+    };
+    assert_eq!(decision("GlobalAveragePool")["Float"], "ExcludedByOpType");
+    assert_eq!(decision("Gemm")["Float"], "LastLayerKeptFloat");
+    let convs: Vec<_> = plan["nodes"].as_array().unwrap().iter().filter(|n| n["op_type"] == "Conv").collect();
+    assert_eq!(convs[0]["decision"]["Float"], "FirstLayerKeptFloat");
+    assert_eq!(convs[1]["decision"], "Quantized");
+}
+
+#[test]
+fn report_lists_parameters_and_skipped_nodes() {
+    let dir = tempdir();
+    let model = fixture("unsupported_op").join("model.onnx");
+    let (out, report) = (dir.path().join("q.onnx"), dir.path().join("r.json"));
+    quantize(&model, &out, &fixture("unsupported_op").join("calib.npz"), &["--quiet", "--report", report.to_str().unwrap()]);
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let skipped = r["skipped"].as_array().unwrap();
+    assert!(skipped.iter().any(|s| s["op_type"] == "Sin" && s["code"] == "no_integer_kernel"), "{r}");
+    assert!(r["activations"].as_array().unwrap().iter().all(|a| a["scale"].as_f64().unwrap() > 0.0));
+    assert!(r["weights"].as_array().unwrap().iter().all(|w| w["axis"] == 0));
+    assert_eq!(r["calibration_samples"], 16);
+}

@@ -1,0 +1,71 @@
+//! Integration tests: one binary, one module per area.
+
+mod cli_errors;
+mod data;
+mod effnet;
+mod fixtures;
+mod onnx_io;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A fixture folder.
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("fixtures").join(name)
+}
+
+/// The pinned Python with onnx and onnxruntime (`scripts/setup-python`), or `$LAPQ_PYTHON`.
+pub fn python() -> PathBuf {
+    std::env::var_os("LAPQ_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
+}
+
+/// Runs the `lapq` binary.
+pub fn lapq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_lapq")).args(args).output().expect("lapq runs")
+}
+
+/// Runs `lapq quantize` and panics with its stderr if it fails.
+pub fn quantize(model: &Path, out: &Path, calib: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "quantize",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--calib",
+        calib.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = lapq(&args);
+    assert!(o.status.success(), "lapq {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// The independent check: `onnx.checker` full check, ONNX Runtime load, fused-op counts, and outputs
+/// against ONNX Runtime's float run under a named tolerance tier. Panics on failure; returns its JSON.
+pub fn check_qdq(float: &Path, quant: &Path, data: &Path, tier: &str, expect_fused: &str) -> serde_json::Value {
+    let mut cmd = Command::new(python());
+    cmd.arg(root().join("scripts/check_qdq.py"))
+        .args(["--float", float.to_str().unwrap(), "--quant", quant.to_str().unwrap()])
+        .args(["--data", data.to_str().unwrap(), "--tier", tier]);
+    if !expect_fused.is_empty() {
+        cmd.args(["--expect-fused", expect_fused]);
+    }
+    let o = cmd.output().expect("python runs (scripts/setup-python makes .venv)");
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "check_qdq failed for {}:\n{}\n{stdout}",
+        quant.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_str(&stdout).expect("check_qdq prints JSON")
+}
+
+/// A fresh temporary folder.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temp dir")
+}
