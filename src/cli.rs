@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use lapq::config::{ChannelOrder, DataConfig, ImageConfig, Job, Layout, Method, QuantConfig};
@@ -162,11 +162,16 @@ impl QuantizeArgs {
 
 impl ImageArgs {
     fn to_config(&self) -> Result<ImageConfig> {
-        let mut c = ImageConfig { resize: self.resize, ..ImageConfig::default() };
+        let mut c = ImageConfig {
+            resize: self.resize,
+            ..ImageConfig::default()
+        };
         if let Some(crop) = &self.crop {
             let (h, w) = crop.split_once(['x', 'X']).unwrap_or((crop, crop));
             let parse = |v: &str| v.trim().parse::<u32>().ok().filter(|&v| v > 0);
-            let (Some(h), Some(w)) = (parse(h), parse(w)) else { bail!("--crop '{crop}': expected HxW, e.g. 224x224") };
+            let (Some(h), Some(w)) = (parse(h), parse(w)) else {
+                bail!("--crop '{crop}': expected HxW, e.g. 224x224")
+            };
             c.crop = Some((h, w));
         }
         if !self.mean.is_empty() {
@@ -206,10 +211,19 @@ fn three(flag: &str, v: &[f32]) -> Result<[f32; 3]> {
 /// Writes `text` to `path` atomically.
 pub fn write_text(path: &std::path::Path, text: &str) -> Result<()> {
     use std::io::Write;
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    ensure!(dir.is_dir(), "report folder {} does not exist", dir.display());
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).with_context(|| format!("cannot write {}", path.display()))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    ensure!(
+        dir.is_dir(),
+        "report folder {} does not exist",
+        dir.display()
+    );
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     tmp.write_all(text.as_bytes())?;
-    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }

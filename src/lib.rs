@@ -14,7 +14,7 @@ pub mod report;
 
 use std::path::Path;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result, ensure};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use calib::{Params, QParams, RangeStats};
@@ -27,7 +27,8 @@ pub fn quantize(job: &Job) -> Result<Report> {
     let mut timings = Timings::start();
     check_output_path(&job.model, &job.output)?;
     let (model, external) = onnx::read_model(&job.model)?;
-    let index = GraphIndex::new(&model).with_context(|| format!("model {}", job.model.display()))?;
+    let index =
+        GraphIndex::new(&model).with_context(|| format!("model {}", job.model.display()))?;
     timings.lap("read");
     let plan = ir::plan(&index, &job.quant)?;
     timings.lap("plan");
@@ -40,22 +41,41 @@ pub fn quantize(job: &Job) -> Result<Report> {
     let qdq = export::qdq_model(&index, &plan, &params)?;
     onnx::write_model(&qdq, &job.output, external)?;
     timings.lap("export");
-    Ok(Report::new(job, &plan, &params, &stats, samples.len(), timings))
+    Ok(Report::new(
+        job,
+        &plan,
+        &params,
+        &stats,
+        samples.len(),
+        timings,
+    ))
 }
 
 /// Reads a model and plans its quantization without touching data: what `lapq inspect` shows.
 pub fn inspect(model_path: &Path, config: &QuantConfig) -> Result<QuantPlan> {
     let (model, _) = onnx::read_model(model_path)?;
-    let index = GraphIndex::new(&model).with_context(|| format!("model {}", model_path.display()))?;
+    let index =
+        GraphIndex::new(&model).with_context(|| format!("model {}", model_path.display()))?;
     ir::plan(&index, config)
 }
 
 /// Fails early, before any long work, when the output cannot be written or would overwrite the input.
 fn check_output_path(model: &Path, output: &Path) -> Result<()> {
-    let dir = output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    ensure!(dir.is_dir(), "output folder {} does not exist", dir.display());
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    ensure!(
+        dir.is_dir(),
+        "output folder {} does not exist",
+        dir.display()
+    );
     if let (Ok(a), Ok(b)) = (model.canonicalize(), output.canonicalize()) {
-        ensure!(a != b, "output {} is the input model: lapq never modifies its input", output.display());
+        ensure!(
+            a != b,
+            "output {} is the input model: lapq never modifies its input",
+            output.display()
+        );
     }
     Ok(())
 }
@@ -102,12 +122,20 @@ fn observe_ranges(
 
 /// MinMax parameters for every site; biases get int32 parameters after the overflow guard has enlarged
 /// any weight scale that needs it.
-fn calibrate_minmax(index: &GraphIndex, plan: &QuantPlan, stats: &[Option<RangeStats>]) -> Result<Params> {
+fn calibrate_minmax(
+    index: &GraphIndex,
+    plan: &QuantPlan,
+    stats: &[Option<RangeStats>],
+) -> Result<Params> {
     let mut activations: Vec<QParams> = Vec::with_capacity(plan.activations.len());
     for (i, site) in plan.activations.iter().enumerate() {
         let p = match (&site.range, &stats[i]) {
-            (RangeSource::Observed(_), Some(s)) if s.count > 0 => QParams::per_tensor(site.grid, s.min, s.max),
-            (RangeSource::Observed(t), _) => Err(anyhow::anyhow!("tensor '{t}' was not observed as float32")),
+            (RangeSource::Observed(_), Some(s)) if s.count > 0 => {
+                QParams::per_tensor(site.grid, s.min, s.max)
+            }
+            (RangeSource::Observed(t), _) => {
+                Err(anyhow::anyhow!("tensor '{t}' was not observed as float32"))
+            }
             (RangeSource::Fixed(lo, hi), _) => QParams::per_tensor(site.grid, *lo, *hi),
             (RangeSource::SameAs(j), _) => Ok(activations[*j].clone()),
         };
@@ -115,26 +143,58 @@ fn calibrate_minmax(index: &GraphIndex, plan: &QuantPlan, stats: &[Option<RangeS
     }
     let mut weights = Vec::with_capacity(plan.weights.len());
     for site in &plan.weights {
-        let t = index.constant(&site.tensor).context("weight is a constant")?.tensor();
-        let p = calib::weight_minmax(site.grid, &onnx::tensor_f32(t)?, &onnx::tensor_dims(t)?, site.axis);
+        let t = index
+            .constant(&site.tensor)
+            .context("weight is a constant")?
+            .tensor();
+        let p = calib::weight_minmax(
+            site.grid,
+            &onnx::tensor_f32(t)?,
+            &onnx::tensor_dims(t)?,
+            site.axis,
+        );
         weights.push(p.with_context(|| format!("weight '{}'", site.tensor))?);
     }
     let mut bias_values = Vec::with_capacity(plan.biases.len());
     for b in &plan.biases {
-        let t = index.constant(&b.tensor).context("bias is a constant")?.tensor();
-        let values: Vec<f32> = onnx::tensor_f32(t)?.into_iter().map(|v| v * b.beta).collect();
-        calib::guard_bias_overflow(activations[b.input].scale[0], &mut weights[b.weight].scale, &values);
+        let t = index
+            .constant(&b.tensor)
+            .context("bias is a constant")?
+            .tensor();
+        let values: Vec<f32> = onnx::tensor_f32(t)?
+            .into_iter()
+            .map(|v| v * b.beta)
+            .collect();
+        calib::guard_bias_overflow(
+            activations[b.input].scale[0],
+            &mut weights[b.weight].scale,
+            &values,
+        );
         bias_values.push(values);
     }
-    let biases = plan.biases.iter().map(|b| calib::bias_params(activations[b.input].scale[0], &weights[b.weight])).collect();
-    Ok(Params { activations, weights, biases })
+    let biases = plan
+        .biases
+        .iter()
+        .map(|b| calib::bias_params(activations[b.input].scale[0], &weights[b.weight]))
+        .collect();
+    Ok(Params {
+        activations,
+        weights,
+        biases,
+    })
 }
 
 /// A progress bar with ETA on stderr; drawn only on a terminal and when `enabled`.
 fn progress_bar(len: u64, what: &str, enabled: bool) -> ProgressBar {
-    let target = if enabled { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+    let target = if enabled {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
     let bar = ProgressBar::with_draw_target(Some(len), target);
-    if let Ok(style) = ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} samples, ETA {eta}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} samples, ETA {eta}")
+    {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(what.to_string());

@@ -23,9 +23,13 @@ fn run(cli: Cli) -> Result<()> {
             let job = args.to_job()?;
             if let Some(path) = &args.report {
                 anyhow::ensure!(
-                    path.parent().filter(|p| !p.as_os_str().is_empty()).is_none_or(|p| p.is_dir()),
+                    path.parent()
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .is_none_or(|p| p.is_dir()),
                     "report folder {} does not exist",
-                    path.parent().map(|p| p.display().to_string()).unwrap_or_default()
+                    path.parent()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
                 );
             }
             let report = lapq::quantize(&job)?;

@@ -23,13 +23,19 @@ impl Timings {
     /// Starts the clock.
     pub fn start() -> Timings {
         let now = Instant::now();
-        Timings { last: now, start: now, stages_ms: vec![], total_ms: 0 }
+        Timings {
+            last: now,
+            start: now,
+            stages_ms: vec![],
+            total_ms: 0,
+        }
     }
 
     /// Records the time since the previous lap under `stage`.
     pub fn lap(&mut self, stage: &str) {
         let now = Instant::now();
-        self.stages_ms.push((stage.to_string(), (now - self.last).as_millis()));
+        self.stages_ms
+            .push((stage.to_string(), (now - self.last).as_millis()));
         self.total_ms = (now - self.start).as_millis();
         self.last = now;
     }
@@ -135,8 +141,18 @@ impl Report {
             nodes_folded: count(|d| matches!(d, Decision::Folded)),
             nodes_float: count(|d| matches!(d, Decision::Float(_))),
             activations,
-            weights: plan.weights.iter().zip(&params.weights).map(|(s, p)| constant(&s.tensor, p)).collect(),
-            biases: plan.biases.iter().zip(&params.biases).map(|(s, p)| constant(&s.name, p)).collect(),
+            weights: plan
+                .weights
+                .iter()
+                .zip(&params.weights)
+                .map(|(s, p)| constant(&s.tensor, p))
+                .collect(),
+            biases: plan
+                .biases
+                .iter()
+                .zip(&params.biases)
+                .map(|(s, p)| constant(&s.name, p))
+                .collect(),
             skipped: skipped_nodes(plan),
             timings,
         }
@@ -157,7 +173,10 @@ impl Report {
             self.timings.total_ms as f64 / 1000.0
         );
         for n in self.skipped.iter().filter(|n| n.op_type != "Constant") {
-            s.push_str(&format!("\n  float: {} ({}): {}", n.node, n.op_type, n.reason));
+            s.push_str(&format!(
+                "\n  float: {} ({}): {}",
+                n.node, n.op_type, n.reason
+            ));
         }
         s
     }
@@ -181,7 +200,13 @@ pub fn skipped_nodes(plan: &QuantPlan) -> Vec<SkippedNode> {
 
 /// The plan as text: one line per node with its decision, then the site counts.
 pub fn plan_text(plan: &QuantPlan) -> String {
-    let width = plan.nodes.iter().map(|n| n.name.len()).max().unwrap_or(0).min(48);
+    let width = plan
+        .nodes
+        .iter()
+        .map(|n| n.name.len())
+        .max()
+        .unwrap_or(0)
+        .min(48);
     let mut s = String::new();
     for n in &plan.nodes {
         let what = match &n.decision {

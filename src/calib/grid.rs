@@ -1,6 +1,6 @@
 //! Integer grids, quantization parameters and the quantizer itself (ONNX `QuantizeLinear` semantics).
 
-use anyhow::{ensure, Result};
+use anyhow::{Result, ensure};
 use serde::Serialize;
 
 /// An integer grid: its bit width and signedness, and whether zero sits at its centre.
@@ -15,11 +15,23 @@ pub struct Grid {
 
 impl Grid {
     /// uint8 asymmetric: the default for activations.
-    pub const U8_ASYM: Grid = Grid { bits: 8, signed: false, symmetric: false };
+    pub const U8_ASYM: Grid = Grid {
+        bits: 8,
+        signed: false,
+        symmetric: false,
+    };
     /// int8 symmetric narrow range: the default for weights.
-    pub const I8_SYM: Grid = Grid { bits: 8, signed: true, symmetric: true };
+    pub const I8_SYM: Grid = Grid {
+        bits: 8,
+        signed: true,
+        symmetric: true,
+    };
     /// int32, zero point 0: biases of Conv and Gemm.
-    pub const I32_BIAS: Grid = Grid { bits: 32, signed: true, symmetric: true };
+    pub const I32_BIAS: Grid = Grid {
+        bits: 32,
+        signed: true,
+        symmetric: true,
+    };
 
     /// Smallest code.
     pub fn qmin(&self) -> i64 {
@@ -32,14 +44,21 @@ impl Grid {
 
     /// Largest code.
     pub fn qmax(&self) -> i64 {
-        if self.signed { (1i64 << (self.bits - 1)) - 1 } else { (1i64 << self.bits) - 1 }
+        if self.signed {
+            (1i64 << (self.bits - 1)) - 1
+        } else {
+            (1i64 << self.bits) - 1
+        }
     }
 
     /// Scale and zero point covering `[min, max]` (widened to include 0), as ONNX Runtime computes them.
     ///
     /// A degenerate range gives scale 1 and the grid's zero. Errors on non-finite bounds.
     pub fn params_for_range(&self, min: f32, max: f32) -> Result<(f32, i64)> {
-        ensure!(min.is_finite() && max.is_finite(), "range [{min}, {max}] is not finite");
+        ensure!(
+            min.is_finite() && max.is_finite(),
+            "range [{min}, {max}] is not finite"
+        );
         let (mut lo, mut hi) = (min.min(0.0), max.max(0.0));
         if self.symmetric {
             let m = lo.abs().max(hi.abs());
@@ -48,7 +67,11 @@ impl Grid {
         let (qmin, qmax) = (self.qmin(), self.qmax());
         let scale = (hi - lo) / (qmax - qmin) as f32;
         if scale < f32::MIN_POSITIVE {
-            let zero = if self.symmetric && self.signed { 0 } else { qmin.max(0) };
+            let zero = if self.symmetric && self.signed {
+                0
+            } else {
+                qmin.max(0)
+            };
             return Ok((1.0, zero));
         }
         let zp = if self.symmetric && self.signed {
@@ -85,7 +108,12 @@ impl QParams {
     /// Per-tensor parameters covering `[min, max]`.
     pub fn per_tensor(grid: Grid, min: f32, max: f32) -> Result<QParams> {
         let (s, z) = grid.params_for_range(min, max)?;
-        Ok(QParams { grid, scale: vec![s], zero_point: vec![z], axis: None })
+        Ok(QParams {
+            grid,
+            scale: vec![s],
+            zero_point: vec![z],
+            axis: None,
+        })
     }
 
     /// Per-channel parameters along `axis`, one range per channel.
@@ -97,7 +125,12 @@ impl QParams {
             .collect::<Result<Vec<_>>>()?
             .into_iter()
             .unzip();
-        Ok(QParams { grid, scale, zero_point, axis: Some(axis) })
+        Ok(QParams {
+            grid,
+            scale,
+            zero_point,
+            axis: Some(axis),
+        })
     }
 
     /// Quantizes a tensor of shape `dims` to codes.
@@ -108,7 +141,11 @@ impl QParams {
         data.iter()
             .enumerate()
             .map(|(i, &x)| {
-                let c = if channels == 1 { 0 } else { (i / inner) % channels };
+                let c = if channels == 1 {
+                    0
+                } else {
+                    (i / inner) % channels
+                };
                 self.grid.quantize(x, self.scale[c], self.zero_point[c])
             })
             .collect()
@@ -121,7 +158,11 @@ impl QParams {
             .into_iter()
             .enumerate()
             .map(|(i, q)| {
-                let c = if channels == 1 { 0 } else { (i / inner) % channels };
+                let c = if channels == 1 {
+                    0
+                } else {
+                    (i / inner) % channels
+                };
                 (q - self.zero_point[c]) as f32 * self.scale[c]
             })
             .collect()
@@ -130,7 +171,11 @@ impl QParams {
     fn layout(&self, dims: &[usize]) -> (usize, usize) {
         match self.axis {
             Some(axis) => {
-                assert_eq!(dims[axis], self.scale.len(), "per-channel parameters do not match the tensor");
+                assert_eq!(
+                    dims[axis],
+                    self.scale.len(),
+                    "per-channel parameters do not match the tensor"
+                );
                 (dims[axis], dims[axis + 1..].iter().product())
             }
             None => (1, 1),
@@ -179,7 +224,9 @@ pub fn quantize_bias(bias: &[f32], params: &QParams) -> Vec<i32> {
         .enumerate()
         .map(|(c, &b)| {
             let s = params.scale[if params.scale.len() == 1 { 0 } else { c }] as f64;
-            (b as f64 / s).round_ties_even().clamp(i32::MIN as f64, i32::MAX as f64) as i32
+            (b as f64 / s)
+                .round_ties_even()
+                .clamp(i32::MIN as f64, i32::MAX as f64) as i32
         })
         .collect()
 }
@@ -190,7 +237,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn grids() -> impl Strategy<Value = Grid> {
-        (2u8..=8, any::<bool>(), any::<bool>()).prop_map(|(bits, signed, symmetric)| Grid { bits, signed, symmetric })
+        (2u8..=8, any::<bool>(), any::<bool>()).prop_map(|(bits, signed, symmetric)| Grid {
+            bits,
+            signed,
+            symmetric,
+        })
     }
 
     proptest! {
@@ -241,7 +292,11 @@ mod tests {
         let (s, z) = Grid::U8_ASYM.params_for_range(-1.0, 3.0).unwrap();
         assert_eq!((s, z), (4.0 / 255.0, 64));
         let (s, z) = Grid::U8_ASYM.params_for_range(0.5, 2.0).unwrap();
-        assert_eq!((s, z), (2.0 / 255.0, 0), "the range is widened to include zero");
+        assert_eq!(
+            (s, z),
+            (2.0 / 255.0, 0),
+            "the range is widened to include zero"
+        );
     }
 
     #[test]
@@ -249,7 +304,15 @@ mod tests {
         assert_eq!((Grid::I8_SYM.qmin(), Grid::I8_SYM.qmax()), (-127, 127));
         let (s, z) = Grid::I8_SYM.params_for_range(-0.5, 1.27).unwrap();
         assert_eq!((s, z), (0.01, 0));
-        assert_eq!(Grid { bits: 4, signed: true, symmetric: true }.qmin(), -7);
+        assert_eq!(
+            Grid {
+                bits: 4,
+                signed: true,
+                symmetric: true
+            }
+            .qmin(),
+            -7
+        );
     }
 
     #[test]
@@ -270,7 +333,12 @@ mod tests {
         let mut ws = vec![1e-12, 0.1];
         let bias = [1000.0, 1.0];
         assert!(guard_bias_overflow(1e-3, &mut ws, &bias));
-        let w = QParams { grid: Grid::I8_SYM, scale: ws, zero_point: vec![0, 0], axis: Some(0) };
+        let w = QParams {
+            grid: Grid::I8_SYM,
+            scale: ws,
+            zero_point: vec![0, 0],
+            axis: Some(0),
+        };
         let p = bias_params(1e-3, &w);
         let q = quantize_bias(&bias, &p);
         assert!(q[0] < i32::MAX && q[0] > i32::MAX / 2, "{q:?}");

@@ -5,8 +5,8 @@
 mod grid;
 mod stats;
 
-pub use grid::{bias_params, guard_bias_overflow, quantize_bias, Grid, QParams};
-pub use stats::{channel_min_max, RangeStats};
+pub use grid::{Grid, QParams, bias_params, guard_bias_overflow, quantize_bias};
+pub use stats::{RangeStats, channel_min_max};
 
 use serde::Serialize;
 
@@ -19,9 +19,21 @@ pub struct Params {
 }
 
 /// MinMax parameters of a weight: its exact range, per slice along `axis` or over the whole tensor.
-pub fn weight_minmax(grid: Grid, values: &[f32], dims: &[usize], axis: Option<usize>) -> anyhow::Result<QParams> {
-    let (min, max, non_finite) = channel_min_max(values, dims, axis.unwrap_or(0));
+pub fn weight_minmax(
+    grid: Grid,
+    values: &[f32],
+    dims: &[usize],
+    axis: Option<usize>,
+) -> anyhow::Result<QParams> {
+    let (mut min, mut max, non_finite) = channel_min_max(values, dims, axis.unwrap_or(0));
     anyhow::ensure!(non_finite == 0, "{non_finite} values are NaN or infinite");
+    for (lo, hi) in min
+        .iter_mut()
+        .zip(max.iter_mut())
+        .filter(|(lo, hi)| lo > hi)
+    {
+        (*lo, *hi) = (0.0, 0.0);
+    }
     match axis {
         Some(a) => QParams::per_channel(grid, a, &min, &max),
         None => {

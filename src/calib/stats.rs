@@ -19,7 +19,8 @@ pub struct RangeStats {
 impl RangeStats {
     /// Adds one observation of shape `dims`.
     pub fn observe(&mut self, dims: &[usize], data: &[f32]) {
-        let (cmin, cmax, non_finite) = channel_min_max(data, dims, 1.min(dims.len().saturating_sub(1)));
+        let (cmin, cmax, non_finite) =
+            channel_min_max(data, dims, 1.min(dims.len().saturating_sub(1)));
         let (lo, hi) = fold_range(&cmin, &cmax);
         if self.count == 0 {
             (self.min, self.max) = (lo, hi);
@@ -42,7 +43,12 @@ impl RangeStats {
             return;
         }
         (self.min, self.max) = (self.min.min(other.min), self.max.max(other.max));
-        merge_channels(&mut self.channel_min, &mut self.channel_max, &other.channel_min, &other.channel_max);
+        merge_channels(
+            &mut self.channel_min,
+            &mut self.channel_max,
+            &other.channel_min,
+            &other.channel_max,
+        );
         self.count += other.count;
         self.non_finite += other.non_finite;
     }
@@ -67,7 +73,7 @@ fn fold_range(mins: &[f32], maxs: &[f32]) -> (f32, f32) {
 
 /// Per-channel min and max of a tensor of shape `dims` along `axis`, and its count of non-finite values.
 ///
-/// A scalar counts as one channel; an empty channel has range `[0, 0]`.
+/// A scalar counts as one channel; a channel without finite values has range `[+inf, -inf]`.
 pub fn channel_min_max(data: &[f32], dims: &[usize], axis: usize) -> (Vec<f32>, Vec<f32>, u64) {
     let channels = dims.get(axis).copied().unwrap_or(1).max(1);
     let inner: usize = dims.iter().skip(axis + 1).product::<usize>().max(1);
@@ -83,11 +89,6 @@ pub fn channel_min_max(data: &[f32], dims: &[usize], axis: usize) -> (Vec<f32>, 
             } else {
                 non_finite += 1;
             }
-        }
-    }
-    for c in 0..channels {
-        if min[c] > max[c] {
-            (min[c], max[c]) = (0.0, 0.0);
         }
     }
     (min, max, non_finite)
@@ -132,7 +133,7 @@ mod tests {
     fn memory_does_not_grow_with_samples() {
         let mut s = RangeStats::default();
         for i in 0..1000 {
-            s.observe(&[1, 4, 8], &vec![i as f32; 32]);
+            s.observe(&[1, 4, 8], &[i as f32; 32]);
         }
         assert_eq!(s.channel_min.len(), 4);
         assert_eq!((s.min, s.max, s.count), (0.0, 999.0, 1000));

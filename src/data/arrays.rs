@@ -4,10 +4,10 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-use anyhow::{bail, ensure, Context, Result};
-use npyz::{npz::NpzArchive, NpyFile, TypeChar};
+use anyhow::{Context, Result, bail, ensure};
+use npyz::{NpyFile, TypeChar, npz::NpzArchive};
 
-use super::{check_fits, values_for, RawValues, Sample, Tensor, Values};
+use super::{RawValues, Sample, Tensor, Values, check_fits, values_for};
 use crate::ir::ModelInput;
 use crate::onnx::{self, DataType, TensorProto};
 
@@ -24,7 +24,8 @@ pub(super) fn load_npz(
     choose: impl Fn(usize) -> Vec<usize>,
 ) -> Result<Vec<Sample>> {
     let what = path.display().to_string();
-    let mut npz = NpzArchive::open(path).with_context(|| format!("{what} is not a readable .npz archive"))?;
+    let mut npz =
+        NpzArchive::open(path).with_context(|| format!("{what} is not a readable .npz archive"))?;
     let names: Vec<String> = npz.array_names().map(str::to_string).collect();
     let mut arrays = Vec::with_capacity(inputs.len());
     for input in inputs {
@@ -32,7 +33,11 @@ pub(super) fn load_npz(
             .by_name(&input.name)
             .with_context(|| format!("{what}: cannot read array '{}'", input.name))?
             .with_context(|| {
-                format!("{what} has no array named '{}' (model input); it has: {}", input.name, names.join(", "))
+                format!(
+                    "{what} has no array named '{}' (model input); it has: {}",
+                    input.name,
+                    names.join(", ")
+                )
             })?;
         arrays.push(read_npy(npy, &format!("{what}: array '{}'", input.name))?);
     }
@@ -48,7 +53,10 @@ pub(super) fn load_npy(
     let what = path.display().to_string();
     if inputs.len() != 1 {
         let names: Vec<&str> = inputs.iter().map(|i| i.name.as_str()).collect();
-        bail!("{what}: a .npy feeds single-input models; this model has inputs {}: use a .npz", names.join(", "));
+        bail!(
+            "{what}: a .npy feeds single-input models; this model has inputs {}: use a .npz",
+            names.join(", ")
+        );
     }
     let file = BufReader::new(File::open(path).with_context(|| format!("cannot open {what}"))?);
     let npy = NpyFile::new(file).with_context(|| format!("{what} is not a readable .npy file"))?;
@@ -64,10 +72,28 @@ fn read_npy<R: Read>(npy: NpyFile<R>, what: &str) -> Result<Array> {
     let bad = |e: std::io::Error| anyhow::anyhow!("{what}: cannot read values ({e})");
     let values = match (ts.type_char(), ts.size_field()) {
         (TypeChar::Float, 4) => RawValues::Float(npy.into_vec::<f32>().map_err(bad)?),
-        (TypeChar::Float, 8) => RawValues::Float(npy.into_vec::<f64>().map_err(bad)?.into_iter().map(|x| x as f32).collect()),
+        (TypeChar::Float, 8) => RawValues::Float(
+            npy.into_vec::<f64>()
+                .map_err(bad)?
+                .into_iter()
+                .map(|x| x as f32)
+                .collect(),
+        ),
         (TypeChar::Int, 8) => RawValues::Int(npy.into_vec::<i64>().map_err(bad)?),
-        (TypeChar::Int, 4) => RawValues::Int(npy.into_vec::<i32>().map_err(bad)?.into_iter().map(i64::from).collect()),
-        (TypeChar::Uint, 1) => RawValues::Float(npy.into_vec::<u8>().map_err(bad)?.into_iter().map(f32::from).collect()),
+        (TypeChar::Int, 4) => RawValues::Int(
+            npy.into_vec::<i32>()
+                .map_err(bad)?
+                .into_iter()
+                .map(i64::from)
+                .collect(),
+        ),
+        (TypeChar::Uint, 1) => RawValues::Float(
+            npy.into_vec::<u8>()
+                .map_err(bad)?
+                .into_iter()
+                .map(f32::from)
+                .collect(),
+        ),
         _ => bail!("{what} has dtype {ts}; expected float32, float64, int32, int64 or uint8"),
     };
     Ok(Array { dims, values })
@@ -85,7 +111,10 @@ fn split_samples(
     let mut count = None;
     for (input, array) in inputs.iter().zip(arrays) {
         let label = format!("{what}: array '{}'", input.name);
-        ensure!(!array.dims.is_empty(), "{label} is a scalar; its first axis must enumerate samples");
+        ensure!(
+            !array.dims.is_empty(),
+            "{label} is a scalar; its first axis must enumerate samples"
+        );
         let batch = input.dims.first().copied().flatten().unwrap_or(1).max(1);
         let mut sample_dims = array.dims.clone();
         sample_dims[0] = batch;
@@ -99,7 +128,10 @@ fn split_samples(
         let n = array.dims[0] / batch;
         match count {
             None => count = Some(n),
-            Some(c) => ensure!(c == n, "{what}: arrays hold different numbers of samples ({c} and {n})"),
+            Some(c) => ensure!(
+                c == n,
+                "{what}: arrays hold different numbers of samples ({c} and {n})"
+            ),
         }
         let values = values_for(input, array.values, &label)?;
         per_input.push((batch, sample_dims, values));
@@ -117,7 +149,10 @@ fn split_samples(
                         Values::F32(v) => Values::F32(v[range].to_vec()),
                         Values::I64(v) => Values::I64(v[range].to_vec()),
                     };
-                    Tensor { dims: dims.clone(), values }
+                    Tensor {
+                        dims: dims.clone(),
+                        values,
+                    }
                 })
                 .collect(),
             origin: format!("{what}[{s}]"),
@@ -133,7 +168,8 @@ pub(super) fn load_test_data_set(dir: &Path, inputs: &[ModelInput]) -> Result<Sa
         if !file.is_file() {
             break;
         }
-        let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        let bytes =
+            std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
         let t = <TensorProto as prost::Message>::decode(&bytes[..])
             .map_err(|e| anyhow::anyhow!("{} is not an ONNX TensorProto ({e})", file.display()))?;
         tensors.push((file.display().to_string(), t));
@@ -145,11 +181,19 @@ pub(super) fn load_test_data_set(dir: &Path, inputs: &[ModelInput]) -> Result<Sa
         tensors.len(),
         inputs.len()
     );
-    let by_name = tensors.iter().all(|(_, t)| inputs.iter().any(|i| i.name == t.name()));
-    let mut sample = Sample { inputs: vec![], origin: dir.display().to_string() };
+    let by_name = tensors
+        .iter()
+        .all(|(_, t)| inputs.iter().any(|i| i.name == t.name()));
+    let mut sample = Sample {
+        inputs: vec![],
+        origin: dir.display().to_string(),
+    };
     for (k, input) in inputs.iter().enumerate() {
         let (file, t) = if by_name {
-            tensors.iter().find(|(_, t)| t.name() == input.name).unwrap_or(&tensors[k])
+            tensors
+                .iter()
+                .find(|(_, t)| t.name() == input.name)
+                .unwrap_or(&tensors[k])
         } else {
             &tensors[k]
         };
@@ -159,7 +203,10 @@ pub(super) fn load_test_data_set(dir: &Path, inputs: &[ModelInput]) -> Result<Sa
             Ok(DataType::Int64 | DataType::Int32) => RawValues::Int(onnx::tensor_i64(t)?),
             _ => RawValues::Float(onnx::tensor_f32(t).with_context(|| file.clone())?),
         };
-        sample.inputs.push(Tensor { dims, values: values_for(input, raw, file)? });
+        sample.inputs.push(Tensor {
+            dims,
+            values: values_for(input, raw, file)?,
+        });
     }
     Ok(sample)
 }

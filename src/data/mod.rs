@@ -6,14 +6,14 @@ mod images;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, ensure, Context, Result};
-use rand::seq::index::sample;
+use anyhow::{Context, Result, bail, ensure};
 use rand::SeedableRng;
+use rand::seq::index::sample;
 use rand_chacha::ChaCha8Rng;
 
 use crate::config::DataConfig;
 use crate::ir::ModelInput;
-use crate::onnx::{elem_type_name, DataType};
+use crate::onnx::{DataType, elem_type_name};
 
 /// Element buffer of an input tensor.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,27 +53,49 @@ pub struct Sample {
 /// folders (or `input_N.pb` files), or a folder of images. Errors name the file and the tensor.
 pub fn load(config: &DataConfig, inputs: &[ModelInput]) -> Result<Vec<Sample>> {
     let path = &config.path;
-    ensure!(path.exists(), "calibration data {} does not exist", path.display());
+    ensure!(
+        path.exists(),
+        "calibration data {} does not exist",
+        path.display()
+    );
     ensure!(!inputs.is_empty(), "the model has no inputs to feed");
     let samples = if path.is_file() {
-        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             Some("npz") => arrays::load_npz(path, inputs, |n| choose(n, config))?,
             Some("npy") => arrays::load_npy(path, inputs, |n| choose(n, config))?,
-            _ => bail!("calibration data {}: expected a .npz or .npy file, or a folder", path.display()),
+            _ => bail!(
+                "calibration data {}: expected a .npz or .npy file, or a folder",
+                path.display()
+            ),
         }
     } else {
         let sets = test_data_sets(path)?;
         if !sets.is_empty() {
             let picked = choose(sets.len(), config);
-            picked.into_iter().map(|i| arrays::load_test_data_set(&sets[i], inputs)).collect::<Result<_>>()?
+            picked
+                .into_iter()
+                .map(|i| arrays::load_test_data_set(&sets[i], inputs))
+                .collect::<Result<_>>()?
         } else {
             let files = images::list(path)?;
             let picked = choose(files.len(), config);
             let prep = images::Preprocess::for_model(&config.image, inputs)?;
-            picked.into_iter().map(|i| prep.load(&files[i])).collect::<Result<_>>()?
+            picked
+                .into_iter()
+                .map(|i| prep.load(&files[i]))
+                .collect::<Result<_>>()?
         }
     };
-    ensure!(!samples.is_empty(), "calibration data {} holds no samples", path.display());
+    ensure!(
+        !samples.is_empty(),
+        "calibration data {} holds no samples",
+        path.display()
+    );
     Ok(samples)
 }
 
@@ -100,7 +122,10 @@ fn test_data_sets(path: &Path) -> Result<Vec<PathBuf>> {
         .with_context(|| format!("cannot list calibration folder {}", path.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            p.is_dir() && p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("test_data_set"))
+            p.is_dir()
+                && p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("test_data_set"))
         })
         .collect();
     sets.sort();
@@ -109,10 +134,18 @@ fn test_data_sets(path: &Path) -> Result<Vec<PathBuf>> {
 
 /// Checks that a tensor of `dims` and element type `elem` can feed `input`; `what` names it in errors.
 fn check_fits(input: &ModelInput, dims: &[usize], what: &str) -> Result<()> {
-    let expected: Vec<String> =
-        input.dims.iter().map(|d| d.map(|v| v.to_string()).unwrap_or_else(|| "?".into())).collect();
+    let expected: Vec<String> = input
+        .dims
+        .iter()
+        .map(|d| d.map(|v| v.to_string()).unwrap_or_else(|| "?".into()))
+        .collect();
     let fits = input.dims.is_empty()
-        || (input.dims.len() == dims.len() && input.dims.iter().zip(dims).all(|(e, &d)| e.is_none_or(|e| e == d)));
+        || (input.dims.len() == dims.len()
+            && input
+                .dims
+                .iter()
+                .zip(dims)
+                .all(|(e, &d)| e.is_none_or(|e| e == d)));
     ensure!(
         fits,
         "{what} has shape {dims:?}, but model input '{}' expects [{}]",
@@ -128,10 +161,16 @@ fn values_for(input: &ModelInput, values: RawValues, what: &str) -> Result<Value
         (Ok(DataType::Float), RawValues::Float(v)) => Values::F32(v),
         (Ok(DataType::Int64 | DataType::Int32), RawValues::Int(v)) => Values::I64(v),
         (Ok(DataType::Float), RawValues::Int(_)) => {
-            bail!("{what} holds integers, but model input '{}' is FLOAT", input.name)
+            bail!(
+                "{what} holds integers, but model input '{}' is FLOAT",
+                input.name
+            )
         }
         (Ok(DataType::Int64 | DataType::Int32), RawValues::Float(_)) => {
-            bail!("{what} holds floats, but model input '{}' is an integer tensor", input.name)
+            bail!(
+                "{what} holds floats, but model input '{}' is an integer tensor",
+                input.name
+            )
         }
         _ => bail!(
             "model input '{}' has element type {}, which calibration data cannot feed yet",

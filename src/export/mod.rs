@@ -6,12 +6,13 @@ mod opset;
 
 use std::collections::{HashMap, HashSet};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result, ensure};
 
-use crate::calib::{quantize_bias, Params, QParams};
+use crate::calib::{Params, QParams, quantize_bias};
 use crate::ir::{ConstSource, GraphIndex, QuantPlan, RangeSource};
 use crate::onnx::{
-    self, make_tensor, tensor_dims, tensor_f32, AttributeProto, ModelProto, NodeProto, TensorData, TensorProto,
+    self, AttributeProto, ModelProto, NodeProto, TensorData, TensorProto, make_tensor, tensor_dims,
+    tensor_f32,
 };
 
 /// Builds the QDQ model. `params` is aligned with the plan's sites.
@@ -23,7 +24,10 @@ pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Resul
         "internal: parameters do not match the plan"
     );
     let src = index.graph;
-    let mut names = Names { index, used: HashSet::new() };
+    let mut names = Names {
+        index,
+        used: HashSet::new(),
+    };
     let mut new_inits: Vec<TensorProto> = vec![];
     let mut head: Vec<NodeProto> = vec![];
     // Tensor renames applied to every node input (the Q nodes read the original tensor).
@@ -31,25 +35,40 @@ pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Resul
     // Per-node input renames (a shared bias duplicated for one node).
     let mut node_input_rename: HashMap<(usize, String), String> = HashMap::new();
     // A folded activation's producer writes the activation's output instead of its own.
-    let fold_rename: HashMap<&str, &str> =
-        plan.folded.iter().map(|f| (f.upstream.as_str(), f.output.as_str())).collect();
+    let fold_rename: HashMap<&str, &str> = plan
+        .folded
+        .iter()
+        .map(|f| (f.upstream.as_str(), f.output.as_str()))
+        .collect();
     // A quantized graph output is written by its final DequantizeLinear; the producer writes `<t>_QuantizeLinear_Input`.
     let mut output_rename: HashMap<String, String> = HashMap::new();
     let mut removed_nodes: HashSet<usize> = plan.folded.iter().map(|f| f.node).collect();
     let mut removed_consts: HashSet<String> = HashSet::new();
 
     for (site, p) in plan.weights.iter().zip(&params.weights) {
-        let c = index.constant(&site.tensor).with_context(|| format!("weight '{}' is not a constant", site.tensor))?;
+        let c = index
+            .constant(&site.tensor)
+            .with_context(|| format!("weight '{}' is not a constant", site.tensor))?;
         let t = c.tensor();
         let dims = tensor_dims(t)?;
         let values = tensor_f32(t)?;
         let codes = p.quantize_tensor(&values, &dims);
         let w = &site.tensor;
-        let (q, scale, zp) = (names.fresh(&format!("{w}_quantized")), names.fresh(&format!("{w}_scale")), names.fresh(&format!("{w}_zero_point")));
+        let (q, scale, zp) = (
+            names.fresh(&format!("{w}_quantized")),
+            names.fresh(&format!("{w}_scale")),
+            names.fresh(&format!("{w}_zero_point")),
+        );
         new_inits.push(make_tensor(&q, &dims, codes_data(p, &codes)));
         new_inits.extend(scale_zp(&scale, &zp, p));
         let dq_out = names.fresh(&format!("{w}_DequantizeLinear_Output"));
-        head.push(qdq_node("DequantizeLinear", &names.fresh(&format!("{w}_DequantizeLinear")), [&q, &scale, &zp], &dq_out, p.axis));
+        head.push(qdq_node(
+            "DequantizeLinear",
+            &names.fresh(&format!("{w}_DequantizeLinear")),
+            [&q, &scale, &zp],
+            &dq_out,
+            p.axis,
+        ));
         input_rename.insert(w.clone(), dq_out);
         removed_consts.insert(w.clone());
         if let ConstSource::ConstantNode(i, _) = c {
@@ -59,17 +78,35 @@ pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Resul
 
     let mut beta_reset: HashSet<usize> = HashSet::new();
     for (site, p) in plan.biases.iter().zip(&params.biases) {
-        let c = index.constant(&site.tensor).with_context(|| format!("bias '{}' is not a constant", site.tensor))?;
-        let values: Vec<f32> = tensor_f32(c.tensor())?.into_iter().map(|b| b * site.beta).collect();
+        let c = index
+            .constant(&site.tensor)
+            .with_context(|| format!("bias '{}' is not a constant", site.tensor))?;
+        let values: Vec<f32> = tensor_f32(c.tensor())?
+            .into_iter()
+            .map(|b| b * site.beta)
+            .collect();
         if site.beta != 1.0 {
             beta_reset.insert(site.node);
         }
         let b = &site.name;
         let q = names.fresh(&format!("{b}_quantized"));
-        let (scale, zp) = (names.fresh(&format!("{q}_scale")), names.fresh(&format!("{q}_zero_point")));
-        new_inits.push(make_tensor(&q, &[values.len()], TensorData::I32(quantize_bias(&values, p))));
+        let (scale, zp) = (
+            names.fresh(&format!("{q}_scale")),
+            names.fresh(&format!("{q}_zero_point")),
+        );
+        new_inits.push(make_tensor(
+            &q,
+            &[values.len()],
+            TensorData::I32(quantize_bias(&values, p)),
+        ));
         new_inits.extend(scale_zp(&scale, &zp, p));
-        head.push(qdq_node("DequantizeLinear", &names.fresh(&format!("{b}_DequantizeLinear")), [&q, &scale, &zp], b, p.axis));
+        head.push(qdq_node(
+            "DequantizeLinear",
+            &names.fresh(&format!("{b}_DequantizeLinear")),
+            [&q, &scale, &zp],
+            b,
+            p.axis,
+        ));
         if *b != site.tensor {
             node_input_rename.insert((site.node, site.tensor.clone()), b.clone());
         }
@@ -88,7 +125,10 @@ pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Resul
         let (scale, zp) = match site.range {
             RangeSource::SameAs(j) => param_names[j].clone(),
             _ => {
-                let names = (names.fresh(&format!("{t}_scale")), names.fresh(&format!("{t}_zero_point")));
+                let names = (
+                    names.fresh(&format!("{t}_scale")),
+                    names.fresh(&format!("{t}_zero_point")),
+                );
                 new_inits.extend(scale_zp(&names.0, &names.1, p));
                 names
             }
@@ -105,8 +145,20 @@ pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Resul
             (t.clone(), dq_out)
         };
         let pair = vec![
-            qdq_node("QuantizeLinear", &names.fresh(&format!("{t}_QuantizeLinear")), [&q_in, &scale, &zp], &q_out, None),
-            qdq_node("DequantizeLinear", &names.fresh(&format!("{t}_DequantizeLinear")), [&q_out, &scale, &zp], &dq_out, None),
+            qdq_node(
+                "QuantizeLinear",
+                &names.fresh(&format!("{t}_QuantizeLinear")),
+                [&q_in, &scale, &zp],
+                &q_out,
+                None,
+            ),
+            qdq_node(
+                "DequantizeLinear",
+                &names.fresh(&format!("{t}_DequantizeLinear")),
+                [&q_out, &scale, &zp],
+                &dq_out,
+                None,
+            ),
         ];
         if index.producer(t).is_some() {
             after.entry(t.clone()).or_default().extend(pair);
@@ -148,19 +200,31 @@ pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Resul
             }
         }
     }
-    ensure!(after.is_empty(), "internal: Q/DQ for tensors without a producer: {:?}", after.keys().collect::<Vec<_>>());
+    ensure!(
+        after.is_empty(),
+        "internal: Q/DQ for tensors without a producer: {:?}",
+        after.keys().collect::<Vec<_>>()
+    );
 
     let mut model = index.model.clone();
     let graph = model.graph.as_mut().context("model has no graph")?;
     graph.node = nodes;
-    graph.initializer.retain(|t| !removed_consts.contains(t.name()));
+    graph
+        .initializer
+        .retain(|t| !removed_consts.contains(t.name()));
     graph.initializer.extend(new_inits);
     graph.input.retain(|i| !removed_consts.contains(i.name()));
     let live: HashSet<String> = graph
         .node
         .iter()
         .flat_map(|n| n.input.iter().chain(&n.output))
-        .chain(graph.input.iter().chain(&graph.output).filter_map(|i| i.name.as_ref()))
+        .chain(
+            graph
+                .input
+                .iter()
+                .chain(&graph.output)
+                .filter_map(|i| i.name.as_ref()),
+        )
         .cloned()
         .collect();
     graph.value_info.retain(|vi| live.contains(vi.name()));
@@ -182,7 +246,13 @@ fn set_float_attr(node: &mut NodeProto, name: &str, value: f32) {
     }
 }
 
-fn qdq_node(op: &str, name: &str, inputs: [&str; 3], output: &str, axis: Option<usize>) -> NodeProto {
+fn qdq_node(
+    op: &str,
+    name: &str,
+    inputs: [&str; 3],
+    output: &str,
+    axis: Option<usize>,
+) -> NodeProto {
     NodeProto {
         op_type: Some(op.into()),
         name: Some(name.into()),
@@ -203,8 +273,15 @@ fn qdq_node(op: &str, name: &str, inputs: [&str; 3], output: &str, axis: Option<
 
 /// Scale (float) and zero point (the grid's integer type) initializers: scalars per tensor, 1-D per channel.
 fn scale_zp(scale: &str, zp: &str, p: &QParams) -> [TensorProto; 2] {
-    let dims: Vec<usize> = if p.axis.is_some() { vec![p.scale.len()] } else { vec![] };
-    [make_tensor(scale, &dims, TensorData::F32(p.scale.clone())), make_tensor(zp, &dims, codes_data(p, &p.zero_point))]
+    let dims: Vec<usize> = if p.axis.is_some() {
+        vec![p.scale.len()]
+    } else {
+        vec![]
+    };
+    [
+        make_tensor(scale, &dims, TensorData::F32(p.scale.clone())),
+        make_tensor(zp, &dims, codes_data(p, &p.zero_point)),
+    ]
 }
 
 /// Integer codes in the grid's container type.

@@ -1,6 +1,6 @@
 //! Raising the default-domain opset when Q/DQ features need it (per-channel `axis` needs 13).
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use crate::onnx::{self, ModelProto, OperatorSetIdProto};
 
@@ -29,16 +29,27 @@ const BREAKING: &[(&str, i64)] = &[
 pub fn raise_default_opset(model: &mut ModelProto, needed: i64) -> Result<()> {
     let current = onnx::default_opset(model);
     let Some(current) = current else {
-        model.opset_import.push(OperatorSetIdProto { domain: Some(String::new()), version: Some(needed) });
+        model.opset_import.push(OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(needed),
+        });
         return Ok(());
     };
     if current >= needed {
         return Ok(());
     }
-    let graph = model.graph.as_ref().map(|g| g.node.as_slice()).unwrap_or(&[]);
-    for node in graph.iter().filter(|n| matches!(n.domain(), "" | "ai.onnx")) {
-        if let Some((op, since)) =
-            BREAKING.iter().find(|(op, since)| *op == node.op_type() && *since > current && *since <= needed)
+    let graph = model
+        .graph
+        .as_ref()
+        .map(|g| g.node.as_slice())
+        .unwrap_or(&[]);
+    for node in graph
+        .iter()
+        .filter(|n| matches!(n.domain(), "" | "ai.onnx"))
+    {
+        if let Some((op, since)) = BREAKING
+            .iter()
+            .find(|(op, since)| *op == node.op_type() && *since > current && *since <= needed)
         {
             bail!(
                 "the model's opset {current} must be raised to {needed} for per-channel quantization, but node \
@@ -47,7 +58,11 @@ pub fn raise_default_opset(model: &mut ModelProto, needed: i64) -> Result<()> {
             );
         }
     }
-    for o in model.opset_import.iter_mut().filter(|o| matches!(o.domain(), "" | "ai.onnx")) {
+    for o in model
+        .opset_import
+        .iter_mut()
+        .filter(|o| matches!(o.domain(), "" | "ai.onnx"))
+    {
         o.version = Some(needed);
     }
     if model.ir_version() < 7 {

@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 
 use crate::onnx::{self, DataType, GraphProto, ModelProto, NodeProto, TensorProto};
 
@@ -50,18 +50,28 @@ pub struct GraphIndex<'m> {
 impl<'m> GraphIndex<'m> {
     /// Indexes the model's main graph; errors name the offending node or tensor.
     pub fn new(model: &'m ModelProto) -> Result<GraphIndex<'m>> {
-        let Some(graph) = model.graph.as_ref() else { bail!("model has no graph") };
+        let Some(graph) = model.graph.as_ref() else {
+            bail!("model has no graph")
+        };
         let mut producer = HashMap::new();
         let mut constants = HashMap::new();
         let mut elem_types: HashMap<&str, i32> = HashMap::new();
         let initializer_names: HashSet<&str> = graph.initializer.iter().map(|t| t.name()).collect();
         for t in &graph.initializer {
-            if constants.insert(t.name(), ConstSource::Initializer(t)).is_some() {
+            if constants
+                .insert(t.name(), ConstSource::Initializer(t))
+                .is_some()
+            {
                 bail!("initializer '{}' is defined twice", t.name());
             }
             elem_types.insert(t.name(), t.data_type());
         }
-        for vi in graph.input.iter().chain(&graph.output).chain(&graph.value_info) {
+        for vi in graph
+            .input
+            .iter()
+            .chain(&graph.output)
+            .chain(&graph.value_info)
+        {
             if let Some(et) = declared_elem_type(vi) {
                 elem_types.entry(vi.name()).or_insert(et);
             }
@@ -80,15 +90,24 @@ impl<'m> GraphIndex<'m> {
         available.extend(graph.input.iter().map(|i| i.name()));
         for (i, node) in graph.node.iter().enumerate() {
             for out in node.output.iter().filter(|o| !o.is_empty()) {
-                if producer.insert(out.as_str(), i).is_some() || initializer_names.contains(out.as_str()) {
-                    bail!("tensor '{out}' has two producers (second: node '{}')", onnx::node_label(node));
+                if producer.insert(out.as_str(), i).is_some()
+                    || initializer_names.contains(out.as_str())
+                {
+                    bail!(
+                        "tensor '{out}' has two producers (second: node '{}')",
+                        onnx::node_label(node)
+                    );
                 }
             }
-            if node.op_type() == "Constant" && node.domain().is_empty() {
-                if let (Some(t), Some(out)) = (onnx::attr(node, "value").and_then(|a| a.t.as_ref()), node.output.first()) {
-                    constants.insert(out.as_str(), ConstSource::ConstantNode(i, t));
-                    elem_types.insert(out.as_str(), t.data_type());
-                }
+            if node.op_type() == "Constant"
+                && node.domain().is_empty()
+                && let (Some(t), Some(out)) = (
+                    onnx::attr(node, "value").and_then(|a| a.t.as_ref()),
+                    node.output.first(),
+                )
+            {
+                constants.insert(out.as_str(), ConstSource::ConstantNode(i, t));
+                elem_types.insert(out.as_str(), t.data_type());
             }
         }
         let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -225,7 +244,8 @@ fn topological_order(graph: &GraphProto, producer: &HashMap<&str, usize>) -> Res
             dependents[d].push(i);
         }
     }
-    let mut ready: std::collections::BTreeSet<usize> = (0..n).filter(|&i| pending[i] == 0).collect();
+    let mut ready: std::collections::BTreeSet<usize> =
+        (0..n).filter(|&i| pending[i] == 0).collect();
     let mut order = Vec::with_capacity(n);
     while let Some(i) = ready.pop_first() {
         order.push(i);
@@ -237,15 +257,25 @@ fn topological_order(graph: &GraphProto, producer: &HashMap<&str, usize>) -> Res
         }
     }
     if order.len() < n {
-        let stuck = (0..n).find(|&i| pending[i] > 0).map(|i| onnx::node_label(&graph.node[i]));
-        bail!("the graph has a cycle through node '{}'", stuck.unwrap_or_default());
+        let stuck = (0..n)
+            .find(|&i| pending[i] > 0)
+            .map(|i| onnx::node_label(&graph.node[i]));
+        bail!(
+            "the graph has a cycle through node '{}'",
+            stuck.unwrap_or_default()
+        );
     }
     Ok(order)
 }
 
 /// A node's inputs plus the outer-scope tensors its subgraphs read.
 fn node_inputs_with_subgraphs(node: &NodeProto) -> Vec<String> {
-    let mut names: Vec<String> = node.input.iter().filter(|s| !s.is_empty()).cloned().collect();
+    let mut names: Vec<String> = node
+        .input
+        .iter()
+        .filter(|s| !s.is_empty())
+        .cloned()
+        .collect();
     for a in &node.attribute {
         for g in a.g.iter().chain(&a.graphs) {
             for n in &g.node {
@@ -262,13 +292,19 @@ fn infer_elem_types<'m>(graph: &'m GraphProto, order: &[usize], types: &mut Hash
     let bool_ = DataType::Bool as i32;
     for &i in order {
         let node = &graph.node[i];
-        let first_input = node.input.first().and_then(|t| types.get(t.as_str()).copied());
+        let first_input = node
+            .input
+            .first()
+            .and_then(|t| types.get(t.as_str()).copied());
         let out_type = match node.op_type() {
             "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" => Some(int64),
-            "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Not" | "And" | "Or" | "Xor"
-            | "IsNaN" | "IsInf" => Some(bool_),
+            "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Not" | "And"
+            | "Or" | "Xor" | "IsNaN" | "IsInf" => Some(bool_),
             "Cast" => onnx::attr(node, "to").and_then(|a| a.i).map(|t| t as i32),
-            "Where" => node.input.get(1).and_then(|t| types.get(t.as_str()).copied()),
+            "Where" => node
+                .input
+                .get(1)
+                .and_then(|t| types.get(t.as_str()).copied()),
             "ConstantOfShape" => Some(
                 onnx::attr(node, "value")
                     .and_then(|a| a.t.as_ref())
@@ -278,9 +314,18 @@ fn infer_elem_types<'m>(graph: &'m GraphProto, order: &[usize], types: &mut Hash
             "Constant" => None,
             _ => first_input,
         };
-        for (k, out) in node.output.iter().enumerate().filter(|(_, o)| !o.is_empty()) {
+        for (k, out) in node
+            .output
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| !o.is_empty())
+        {
             // Second outputs of TopK / MaxPool are indices.
-            let t = if k > 0 && matches!(node.op_type(), "TopK" | "MaxPool") { Some(int64) } else { out_type };
+            let t = if k > 0 && matches!(node.op_type(), "TopK" | "MaxPool") {
+                Some(int64)
+            } else {
+                out_type
+            };
             if let Some(t) = t {
                 types.entry(out.as_str()).or_insert(t);
             }

@@ -6,6 +6,7 @@ mod policy;
 
 pub use index::{ConstSource, GraphIndex, ModelInput};
 pub use plan::{
-    plan, ActivationSite, BiasSite, Decision, Folded, NodeEntry, QuantPlan, RangeSource, SkipReason, WeightSite,
+    ActivationSite, BiasSite, Decision, Folded, NodeEntry, QuantPlan, RangeSource, SkipReason,
+    WeightSite, plan,
 };
-pub use policy::{op_class, OpClass};
+pub use policy::{OpClass, op_class};

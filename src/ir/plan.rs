@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use anyhow::{bail, Result};
+use anyhow::{Result, bail};
 use serde::Serialize;
 
 use super::index::GraphIndex;
@@ -85,6 +85,7 @@ pub enum SkipReason {
     GemmAlphaNotOne(f32),
     WeightConflict(String),
     PadValueNotZero,
+    FloatConstant,
 }
 
 impl SkipReason {
@@ -104,6 +105,7 @@ impl SkipReason {
             SkipReason::GemmAlphaNotOne(_) => "gemm_alpha_not_one",
             SkipReason::WeightConflict(_) => "weight_conflict",
             SkipReason::PadValueNotZero => "pad_value_not_zero",
+            SkipReason::FloatConstant => "float_constant",
         }
     }
 }
@@ -113,19 +115,33 @@ impl fmt::Display for SkipReason {
         match self {
             SkipReason::ExcludedByName => write!(f, "excluded by name (--exclude-nodes)"),
             SkipReason::ExcludedByOpType => write!(f, "excluded by op type (--exclude-op-types)"),
-            SkipReason::FirstLayerKeptFloat => write!(f, "first layer kept float (--float-first-layer)"),
-            SkipReason::LastLayerKeptFloat => write!(f, "last layer kept float (--float-last-layer)"),
-            SkipReason::NoIntegerKernel => write!(f, "op type has no integer kernel in ONNX Runtime"),
-            SkipReason::InputNotQuantized(t) => write!(f, "data-movement op whose input '{t}' is not quantized"),
+            SkipReason::FirstLayerKeptFloat => {
+                write!(f, "first layer kept float (--float-first-layer)")
+            }
+            SkipReason::LastLayerKeptFloat => {
+                write!(f, "last layer kept float (--float-last-layer)")
+            }
+            SkipReason::NoIntegerKernel => {
+                write!(f, "op type has no integer kernel in ONNX Runtime")
+            }
+            SkipReason::InputNotQuantized(t) => {
+                write!(f, "data-movement op whose input '{t}' is not quantized")
+            }
             SkipReason::NotFloat => write!(f, "no float32 tensors to quantize"),
             SkipReason::ConstantActivation(t) => write!(f, "activation input '{t}' is a constant"),
             SkipReason::NonConstantWeight(t) => write!(f, "weight '{t}' is not a constant"),
             SkipReason::UnsupportedBias(t, why) => write!(f, "bias '{t}' {why}"),
-            SkipReason::GemmAlphaNotOne(a) => write!(f, "Gemm alpha is {a}, integer kernels need 1"),
+            SkipReason::GemmAlphaNotOne(a) => {
+                write!(f, "Gemm alpha is {a}, integer kernels need 1")
+            }
             SkipReason::WeightConflict(t) => {
-                write!(f, "weight '{t}' is shared with a node that quantizes it differently")
+                write!(
+                    f,
+                    "weight '{t}' is shared with a node that quantizes it differently"
+                )
             }
             SkipReason::PadValueNotZero => write!(f, "constant pad value is not zero"),
+            SkipReason::FloatConstant => write!(f, "constant read by no quantized input"),
         }
     }
 }
@@ -182,7 +198,11 @@ const QUANTIZED_OPS: &[&str] = &[
 /// Plans the quantization of the indexed graph. Refuses models that are already quantized.
 pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
     let graph = index.graph;
-    if let Some(node) = graph.node.iter().find(|n| QUANTIZED_OPS.contains(&n.op_type())) {
+    if let Some(node) = graph
+        .node
+        .iter()
+        .find(|n| QUANTIZED_OPS.contains(&n.op_type()))
+    {
         bail!(
             "node '{}' is a {}: the model is already quantized; lapq quantizes float models",
             onnx::node_label(node),
@@ -195,8 +215,19 @@ pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
             bail!("--exclude-nodes: the model has no node named '{name}'");
         }
     }
-    let layers: Vec<usize> = index.order.iter().copied().filter(|&i| policy::is_layer(index.node(i))).collect();
-    let mut planner = Planner { index, config, plan: QuantPlan::default(), act: HashMap::new(), wt: HashMap::new() };
+    let layers: Vec<usize> = index
+        .order
+        .iter()
+        .copied()
+        .filter(|&i| policy::is_layer(index.node(i)))
+        .collect();
+    let mut planner = Planner {
+        index,
+        config,
+        plan: QuantPlan::default(),
+        act: HashMap::new(),
+        wt: HashMap::new(),
+    };
     let mut decisions: Vec<Option<Decision>> = vec![None; graph.node.len()];
     for &i in &index.order {
         let node = index.node(i);
@@ -218,9 +249,18 @@ pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
     }
     let mut plan = planner.plan;
     for (i, node) in graph.node.iter().enumerate() {
-        let mut decision = decisions[i].take().unwrap_or(Decision::Float(SkipReason::NoIntegerKernel));
-        if node.op_type() == "Constant" && plan.weights.iter().any(|w| node.output.first() == Some(&w.tensor)) {
-            decision = Decision::ConstantWeight;
+        let mut decision = decisions[i]
+            .take()
+            .unwrap_or(Decision::Float(SkipReason::NoIntegerKernel));
+        if node.op_type() == "Constant" {
+            let out = node.output.first();
+            let quantized = plan.weights.iter().any(|w| out == Some(&w.tensor))
+                || plan.biases.iter().any(|b| out == Some(&b.tensor));
+            decision = if quantized {
+                Decision::ConstantWeight
+            } else {
+                Decision::Float(SkipReason::FloatConstant)
+            };
         }
         plan.nodes.push(NodeEntry {
             name: onnx::node_label(node),
@@ -254,8 +294,11 @@ impl Planner<'_, '_> {
         let Some(class) = policy::op_class(node) else {
             return Ok(Decision::Float(SkipReason::NoIntegerKernel));
         };
-        let float_outputs: Vec<&String> =
-            node.output.iter().filter(|o| !o.is_empty() && self.index.is_float(o)).collect();
+        let float_outputs: Vec<&String> = node
+            .output
+            .iter()
+            .filter(|o| !o.is_empty() && self.index.is_float(o))
+            .collect();
         if float_outputs.is_empty() {
             return Ok(Decision::Float(SkipReason::NotFloat));
         }
@@ -272,14 +315,21 @@ impl Planner<'_, '_> {
         let node = self.index.node(i);
         let x = node.input.first().map(String::as_str).unwrap_or("");
         let w = node.input.get(1).map(String::as_str).unwrap_or("");
-        let b = node.input.get(2).map(String::as_str).filter(|b| !b.is_empty());
+        let b = node
+            .input
+            .get(2)
+            .map(String::as_str)
+            .filter(|b| !b.is_empty());
         if self.index.constant(x).is_some() {
             return Ok(Decision::Float(SkipReason::ConstantActivation(x.into())));
         }
         if !self.index.is_float(x) {
             return Ok(Decision::Float(SkipReason::NotFloat));
         }
-        let Some(wc) = self.index.constant(w).filter(|c| c.tensor().data_type() == onnx::DataType::Float as i32)
+        let Some(wc) = self
+            .index
+            .constant(w)
+            .filter(|c| c.tensor().data_type() == onnx::DataType::Float as i32)
         else {
             return Ok(Decision::Float(SkipReason::NonConstantWeight(w.into())));
         };
@@ -292,26 +342,48 @@ impl Planner<'_, '_> {
         let wdims = tensor_dims(wc.tensor())?;
         let axis = policy::weight_axis(node, wdims.len());
         let Some(&channels) = wdims.get(axis) else {
-            bail!("node '{}': weight '{w}' has shape {wdims:?}", onnx::node_label(node));
+            bail!(
+                "node '{}': weight '{w}' has shape {wdims:?}",
+                onnx::node_label(node)
+            );
         };
         if let Some(b) = b {
-            let Some(bc) = self.index.constant(b).filter(|c| c.tensor().data_type() == onnx::DataType::Float as i32)
+            let Some(bc) = self
+                .index
+                .constant(b)
+                .filter(|c| c.tensor().data_type() == onnx::DataType::Float as i32)
             else {
-                return Ok(Decision::Float(SkipReason::UnsupportedBias(b.into(), "is not a float constant")));
+                return Ok(Decision::Float(SkipReason::UnsupportedBias(
+                    b.into(),
+                    "is not a float constant",
+                )));
             };
             let bdims = tensor_dims(bc.tensor())?;
             if bdims.len() != 1 {
-                return Ok(Decision::Float(SkipReason::UnsupportedBias(b.into(), "is not one-dimensional")));
+                return Ok(Decision::Float(SkipReason::UnsupportedBias(
+                    b.into(),
+                    "is not one-dimensional",
+                )));
             }
             if node.op_type() == "Gemm" && bdims[0] != channels {
-                return Ok(Decision::Float(SkipReason::UnsupportedBias(b.into(), "does not have one value per output")));
+                return Ok(Decision::Float(SkipReason::UnsupportedBias(
+                    b.into(),
+                    "does not have one value per output",
+                )));
             }
             if node.op_type() != "Gemm" && bdims[0] != channels * group_factor(node, axis) {
-                return Ok(Decision::Float(SkipReason::UnsupportedBias(b.into(), "does not match the output channels")));
+                return Ok(Decision::Float(SkipReason::UnsupportedBias(
+                    b.into(),
+                    "does not match the output channels",
+                )));
             }
         }
         let per_channel = self.config.per_channel && group_factor(node, axis) == 1;
-        let weight = WeightUse { tensor: w.into(), axis: per_channel.then_some(axis), grid: Grid::I8_SYM };
+        let weight = WeightUse {
+            tensor: w.into(),
+            axis: per_channel.then_some(axis),
+            grid: Grid::I8_SYM,
+        };
         if let Some(reason) = self.weight_conflict(&weight) {
             return Ok(Decision::Float(reason));
         }
@@ -319,8 +391,19 @@ impl Planner<'_, '_> {
         let weight = self.weight_site(weight);
         if let Some(b) = b {
             let name = self.bias_name(b);
-            let beta = if node.op_type() == "Gemm" { onnx::attr_f(node, "beta", 1.0) } else { 1.0 };
-            self.plan.biases.push(BiasSite { tensor: b.into(), name, node: i, input, weight, beta });
+            let beta = if node.op_type() == "Gemm" {
+                onnx::attr_f(node, "beta", 1.0)
+            } else {
+                1.0
+            };
+            self.plan.biases.push(BiasSite {
+                tensor: b.into(),
+                name,
+                node: i,
+                input,
+                weight,
+                beta,
+            });
         }
         self.outputs(i, None);
         Ok(Decision::Quantized)
@@ -340,9 +423,17 @@ impl Planner<'_, '_> {
                 Some(c) if is_matmul => {
                     let rank = tensor_dims(c.tensor())?.len();
                     let axis = (k == 1 && self.config.per_channel && rank >= 2).then(|| rank - 1);
-                    weights.push(WeightUse { tensor: t.clone(), axis, grid: Grid::I8_SYM });
+                    weights.push(WeightUse {
+                        tensor: t.clone(),
+                        axis,
+                        grid: Grid::I8_SYM,
+                    });
                 }
-                Some(_) => weights.push(WeightUse { tensor: t.clone(), axis: None, grid: Grid::U8_ASYM }),
+                Some(_) => weights.push(WeightUse {
+                    tensor: t.clone(),
+                    axis: None,
+                    grid: Grid::U8_ASYM,
+                }),
                 None => acts.push(t.as_str()),
             }
         }
@@ -369,14 +460,22 @@ impl Planner<'_, '_> {
             && self.index.consumers(x).len() == 1
             && self.index.producer(x).is_some()
             && !self.index.is_graph_output(x)
-            && node.input.iter().skip(1).all(|t| t.is_empty() || self.index.constant(t).is_some());
+            && node
+                .input
+                .iter()
+                .skip(1)
+                .all(|t| t.is_empty() || self.index.constant(t).is_some());
         if foldable {
             self.act.remove(x);
             self.act.insert(y.into(), site);
             let s = &mut self.plan.activations[site];
             s.tensor = y.into();
             s.range = RangeSource::Observed(y.into());
-            self.plan.folded.push(Folded { node: i, upstream: x.into(), output: y.into() });
+            self.plan.folded.push(Folded {
+                node: i,
+                upstream: x.into(),
+                output: y.into(),
+            });
             Decision::Folded
         } else {
             self.outputs(i, None);
@@ -393,7 +492,11 @@ impl Planner<'_, '_> {
         if node.op_type() == "Pad" && !pad_value_is_zero(self.index, node) {
             return Decision::Float(SkipReason::PadValueNotZero);
         }
-        for out in node.output.iter().filter(|o| !o.is_empty() && self.index.is_float(o)) {
+        for out in node
+            .output
+            .iter()
+            .filter(|o| !o.is_empty() && self.index.is_float(o))
+        {
             let grid = self.plan.activations[site].grid;
             self.push_activation(out, RangeSource::SameAs(site), grid);
         }
@@ -402,7 +505,11 @@ impl Planner<'_, '_> {
 
     fn outputs(&mut self, i: usize, fixed: Option<(f32, f32)>) {
         let node = self.index.node(i);
-        for out in node.output.iter().filter(|o| !o.is_empty() && self.index.is_float(o)) {
+        for out in node
+            .output
+            .iter()
+            .filter(|o| !o.is_empty() && self.index.is_float(o))
+        {
             let range = match fixed {
                 Some((lo, hi)) => RangeSource::Fixed(lo, hi),
                 None => RangeSource::Observed(out.clone()),
@@ -414,7 +521,9 @@ impl Planner<'_, '_> {
     fn activation_site(&mut self, tensor: &str) -> usize {
         match self.act.get(tensor) {
             Some(&s) => s,
-            None => self.push_activation(tensor, RangeSource::Observed(tensor.into()), Grid::U8_ASYM),
+            None => {
+                self.push_activation(tensor, RangeSource::Observed(tensor.into()), Grid::U8_ASYM)
+            }
         }
     }
 
@@ -422,8 +531,13 @@ impl Planner<'_, '_> {
         if let Some(&s) = self.act.get(tensor) {
             return s;
         }
-        self.plan.activations.push(ActivationSite { tensor: tensor.into(), range, grid });
-        self.act.insert(tensor.into(), self.plan.activations.len() - 1);
+        self.plan.activations.push(ActivationSite {
+            tensor: tensor.into(),
+            range,
+            grid,
+        });
+        self.act
+            .insert(tensor.into(), self.plan.activations.len() - 1);
         self.plan.activations.len() - 1
     }
 
@@ -438,7 +552,11 @@ impl Planner<'_, '_> {
             return s;
         }
         self.wt.insert(w.tensor.clone(), self.plan.weights.len());
-        self.plan.weights.push(WeightSite { tensor: w.tensor, axis: w.axis, grid: w.grid });
+        self.plan.weights.push(WeightSite {
+            tensor: w.tensor,
+            axis: w.axis,
+            grid: w.grid,
+        });
         self.plan.weights.len() - 1
     }
 
@@ -464,7 +582,9 @@ fn group_factor(node: &onnx::NodeProto, axis: usize) -> usize {
 }
 
 fn pad_value_is_zero(index: &GraphIndex, node: &onnx::NodeProto) -> bool {
-    let mode = onnx::attr(node, "mode").and_then(|a| a.s.as_deref()).unwrap_or(b"constant");
+    let mode = onnx::attr(node, "mode")
+        .and_then(|a| a.s.as_deref())
+        .unwrap_or(b"constant");
     if mode != b"constant" {
         return true;
     }

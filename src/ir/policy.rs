@@ -53,16 +53,22 @@ pub fn op_class(node: &NodeProto) -> Option<OpClass> {
     if !matches!(node.domain(), "" | "ai.onnx") {
         return None;
     }
-    POLICY.iter().find(|(op, _)| *op == node.op_type()).map(|(_, c)| *c)
+    POLICY
+        .iter()
+        .find(|(op, _)| *op == node.op_type())
+        .map(|(_, c)| *c)
 }
-
 
 /// Per-channel axis of a `Linear` node's weight (the output-channel axis).
 pub fn weight_axis(node: &NodeProto, weight_rank: usize) -> usize {
     match node.op_type() {
         "ConvTranspose" => 1,
         "Gemm" => {
-            if onnx::attr_i(node, "transB", 0) != 0 { 0 } else { 1 }
+            if onnx::attr_i(node, "transB", 0) != 0 {
+                0
+            } else {
+                1
+            }
         }
         "MatMul" => weight_rank.saturating_sub(1),
         _ => 0,

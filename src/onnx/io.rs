@@ -4,11 +4,11 @@ use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result, bail, ensure};
 use prost::Message;
 
-use super::proto::tensor_proto::DataLocation;
 use super::proto::StringStringEntryProto;
+use super::proto::tensor_proto::DataLocation;
 use super::{GraphProto, ModelProto, TensorProto};
 
 /// Tensors at least this large go to the external data file when a model is written with external data.
@@ -18,8 +18,9 @@ const EXTERNAL_ALIGNMENT: u64 = 64;
 
 /// Decodes an ONNX model from protobuf bytes; `origin` names the source in errors.
 pub fn decode_model(bytes: &[u8], origin: &str) -> Result<ModelProto> {
-    let model = ModelProto::decode(bytes)
-        .map_err(|e| anyhow::anyhow!("{origin} is not an ONNX model: protobuf decoding failed ({e})"))?;
+    let model = ModelProto::decode(bytes).map_err(|e| {
+        anyhow::anyhow!("{origin} is not an ONNX model: protobuf decoding failed ({e})")
+    })?;
     let graph = model.graph.as_ref();
     ensure!(
         graph.is_some_and(|g| !g.node.is_empty() || !g.output.is_empty()),
@@ -61,7 +62,11 @@ pub fn write_model(model: &ModelProto, path: &Path, external: bool) -> Result<()
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    ensure!(dir.is_dir(), "output folder {} does not exist", dir.display());
+    ensure!(
+        dir.is_dir(),
+        "output folder {} does not exist",
+        dir.display()
+    );
     let file_name = path
         .file_name()
         .with_context(|| format!("output path {} has no file name", path.display()))?
@@ -82,8 +87,9 @@ pub fn write_model(model: &ModelProto, path: &Path, external: bool) -> Result<()
                 let pad = (EXTERNAL_ALIGNMENT - offset % EXTERNAL_ALIGNMENT) % EXTERNAL_ALIGNMENT;
                 tmp.write_all(&vec![0u8; pad as usize])?;
                 offset += pad;
-                tmp.write_all(&raw)
-                    .with_context(|| format!("cannot write external data for {}", path.display()))?;
+                tmp.write_all(&raw).with_context(|| {
+                    format!("cannot write external data for {}", path.display())
+                })?;
                 t.set_data_location(DataLocation::External);
                 t.external_data = vec![
                     entry("location", &location),
@@ -103,12 +109,16 @@ pub fn write_model(model: &ModelProto, path: &Path, external: bool) -> Result<()
         data.persist(&data_path)
             .with_context(|| format!("cannot write {}", data_path.display()))?;
     }
-    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
 fn entry(key: &str, value: &str) -> StringStringEntryProto {
-    StringStringEntryProto { key: Some(key.into()), value: Some(value.into()) }
+    StringStringEntryProto {
+        key: Some(key.into()),
+        value: Some(value.into()),
+    }
 }
 
 /// Calls `f` on every tensor of `graph`: initializers, tensor attributes, and those of nested graphs.
@@ -140,22 +150,37 @@ fn for_each_tensor_mut(
 
 fn load_external(t: &mut TensorProto, dir: &Path) -> Result<()> {
     let name = t.name().to_string();
-    let get = |key: &str| t.external_data.iter().find(|e| e.key() == key).map(|e| e.value().to_string());
-    let location = get("location").with_context(|| format!("external tensor '{name}' has no location"))?;
+    let get = |key: &str| {
+        t.external_data
+            .iter()
+            .find(|e| e.key() == key)
+            .map(|e| e.value().to_string())
+    };
+    let location =
+        get("location").with_context(|| format!("external tensor '{name}' has no location"))?;
     let parse = |key: &str| -> Result<Option<u64>> {
         get(key)
-            .map(|v| v.parse::<u64>().with_context(|| format!("external tensor '{name}': bad {key} '{v}'")))
+            .map(|v| {
+                v.parse::<u64>()
+                    .with_context(|| format!("external tensor '{name}': bad {key} '{v}'"))
+            })
             .transpose()
     };
     let offset = parse("offset")?.unwrap_or(0);
     let length = parse("length")?;
     let rel = Path::new(&location);
     if rel.is_absolute() || rel.components().any(|c| matches!(c, Component::ParentDir)) {
-        bail!("external tensor '{name}': location '{location}' must be a path inside the model's folder");
+        bail!(
+            "external tensor '{name}': location '{location}' must be a path inside the model's folder"
+        );
     }
     let file = dir.join(rel);
-    let mut f = fs::File::open(&file)
-        .with_context(|| format!("cannot read external data {} of tensor '{name}'", file.display()))?;
+    let mut f = fs::File::open(&file).with_context(|| {
+        format!(
+            "cannot read external data {} of tensor '{name}'",
+            file.display()
+        )
+    })?;
     let size = f.metadata()?.len();
     let length = length.unwrap_or(size.saturating_sub(offset));
     ensure!(
@@ -166,8 +191,12 @@ fn load_external(t: &mut TensorProto, dir: &Path) -> Result<()> {
     );
     let mut bytes = vec![0u8; usize::try_from(length)?];
     f.seek(SeekFrom::Start(offset))?;
-    f.read_exact(&mut bytes)
-        .with_context(|| format!("cannot read external data {} of tensor '{name}'", file.display()))?;
+    f.read_exact(&mut bytes).with_context(|| {
+        format!(
+            "cannot read external data {} of tensor '{name}'",
+            file.display()
+        )
+    })?;
     t.raw_data = Some(bytes);
     t.external_data.clear();
     t.data_location = None;

@@ -8,7 +8,8 @@ mod tensor;
 
 pub use io::{decode_model, encode_model, read_model, write_model};
 pub use tensor::{
-    elem_type_name, make_tensor, tensor_dims, tensor_f32, tensor_i64, tensor_num_elements, TensorData,
+    TensorData, elem_type_name, make_tensor, tensor_dims, tensor_f32, tensor_i64,
+    tensor_num_elements,
 };
 
 #[allow(clippy::all, missing_docs)]

@@ -1,6 +1,6 @@
 //! Conversions between `TensorProto` and plain buffers.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{Context, Result, bail, ensure};
 
 use super::{DataType, TensorProto};
 
@@ -30,13 +30,26 @@ impl TensorData {
 ///
 /// Panics if `dims` does not describe `data.len()` elements: callers construct both together.
 pub fn make_tensor(name: &str, dims: &[usize], data: TensorData) -> TensorProto {
-    assert_eq!(dims.iter().product::<usize>(), data.len(), "tensor {name}: dims/data mismatch");
+    assert_eq!(
+        dims.iter().product::<usize>(),
+        data.len(),
+        "tensor {name}: dims/data mismatch"
+    );
     let (data_type, raw) = match data {
-        TensorData::F32(v) => (DataType::Float, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        TensorData::F32(v) => (
+            DataType::Float,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
         TensorData::I8(v) => (DataType::Int8, v.iter().map(|&x| x as u8).collect()),
         TensorData::U8(v) => (DataType::Uint8, v),
-        TensorData::I32(v) => (DataType::Int32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-        TensorData::I64(v) => (DataType::Int64, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+        TensorData::I32(v) => (
+            DataType::Int32,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+        TensorData::I64(v) => (
+            DataType::Int64,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
     };
     TensorProto {
         name: Some(name.to_string()),
@@ -51,7 +64,10 @@ pub fn make_tensor(name: &str, dims: &[usize], data: TensorData) -> TensorProto 
 pub fn tensor_dims(t: &TensorProto) -> Result<Vec<usize>> {
     t.dims
         .iter()
-        .map(|&d| usize::try_from(d).with_context(|| format!("tensor '{}' has negative dimension {d}", t.name())))
+        .map(|&d| {
+            usize::try_from(d)
+                .with_context(|| format!("tensor '{}' has negative dimension {d}", t.name()))
+        })
         .collect()
 }
 
@@ -62,7 +78,9 @@ pub fn tensor_num_elements(t: &TensorProto) -> Result<usize> {
 
 /// Name of an ONNX element type, for messages.
 pub fn elem_type_name(data_type: i32) -> &'static str {
-    DataType::try_from(data_type).map(|d| d.as_str_name()).unwrap_or("UNKNOWN")
+    DataType::try_from(data_type)
+        .map(|d| d.as_str_name())
+        .unwrap_or("UNKNOWN")
 }
 
 /// The tensor's values as `f32` (from FLOAT or DOUBLE data, raw or typed fields).
@@ -78,12 +96,16 @@ pub fn tensor_f32(t: &TensorProto) -> Result<Vec<f32>> {
             _ => t.float_data.clone(),
         },
         Ok(DataType::Double) => match &t.raw_data {
-            Some(raw) if !raw.is_empty() || t.double_data.is_empty() => {
-                le_chunks::<8>(raw, t)?.map(|b| f64::from_le_bytes(b) as f32).collect()
-            }
+            Some(raw) if !raw.is_empty() || t.double_data.is_empty() => le_chunks::<8>(raw, t)?
+                .map(|b| f64::from_le_bytes(b) as f32)
+                .collect(),
             _ => t.double_data.iter().map(|&x| x as f32).collect(),
         },
-        _ => bail!("tensor '{}' has element type {}, expected FLOAT", t.name(), elem_type_name(t.data_type())),
+        _ => bail!(
+            "tensor '{}' has element type {}, expected FLOAT",
+            t.name(),
+            elem_type_name(t.data_type())
+        ),
     };
     ensure!(
         values.len() == n,
@@ -106,12 +128,16 @@ pub fn tensor_i64(t: &TensorProto) -> Result<Vec<i64>> {
             _ => t.int64_data.clone(),
         },
         Ok(DataType::Int32) => match &t.raw_data {
-            Some(raw) if !raw.is_empty() || t.int32_data.is_empty() => {
-                le_chunks::<4>(raw, t)?.map(|b| i32::from_le_bytes(b) as i64).collect()
-            }
+            Some(raw) if !raw.is_empty() || t.int32_data.is_empty() => le_chunks::<4>(raw, t)?
+                .map(|b| i32::from_le_bytes(b) as i64)
+                .collect(),
             _ => t.int32_data.iter().map(|&x| x as i64).collect(),
         },
-        _ => bail!("tensor '{}' has element type {}, expected INT64", t.name(), elem_type_name(t.data_type())),
+        _ => bail!(
+            "tensor '{}' has element type {}, expected INT64",
+            t.name(),
+            elem_type_name(t.data_type())
+        ),
     };
     ensure!(
         values.len() == n,
@@ -128,7 +154,7 @@ fn le_chunks<'a, const N: usize>(
     t: &TensorProto,
 ) -> Result<impl Iterator<Item = [u8; N]> + 'a> {
     ensure!(
-        raw.len() % N == 0,
+        raw.len().is_multiple_of(N),
         "tensor '{}' raw data of {} bytes is not a whole number of {N}-byte elements",
         t.name(),
         raw.len()

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{Context, Result, anyhow};
 use tract_onnx::prelude::*;
 
 use crate::data::{Sample, Values};
@@ -35,7 +35,12 @@ impl FloatModel {
         for name in taps {
             let outlet = model
                 .find_outlet_label(name)
-                .or_else(|| model.node_by_name(name).ok().map(|n| OutletId::new(n.id, 0)))
+                .or_else(|| {
+                    model
+                        .node_by_name(name)
+                        .ok()
+                        .map(|n| OutletId::new(n.id, 0))
+                })
                 .with_context(|| format!("tensor '{name}' cannot be found in tract's graph"))?;
             match inputs.iter().position(|&i| i == outlet) {
                 Some(k) => tap_ix.push(Err(k)),
@@ -49,12 +54,19 @@ impl FloatModel {
         for k in 0..outlets.len() {
             model.set_output_fact(k, InferenceFact::default())?;
         }
-        Ok(FloatModel { template: model, taps: tap_ix, plans: Mutex::new(HashMap::new()) })
+        Ok(FloatModel {
+            template: model,
+            taps: tap_ix,
+            plans: Mutex::new(HashMap::new()),
+        })
     }
 
     fn plan_for(&self, sample: &Sample) -> Result<Plan> {
         let key: Vec<Vec<usize>> = sample.inputs.iter().map(|t| t.dims.clone()).collect();
-        let mut plans = self.plans.lock().map_err(|_| anyhow!("a worker panicked"))?;
+        let mut plans = self
+            .plans
+            .lock()
+            .map_err(|_| anyhow!("a worker panicked"))?;
         if let Some(p) = plans.get(&key) {
             return Ok(p.clone());
         }
@@ -69,7 +81,9 @@ impl FloatModel {
         let plan = model
             .into_optimized()
             .and_then(|m| m.into_runnable())
-            .map_err(|e| anyhow!("tract cannot optimize the model for input shapes {key:?}: {e:#}"))?;
+            .map_err(|e| {
+                anyhow!("tract cannot optimize the model for input shapes {key:?}: {e:#}")
+            })?;
         plans.insert(key, plan.clone());
         Ok(plan)
     }
@@ -78,13 +92,23 @@ impl FloatModel {
     ///
     /// Each worker folds into its own accumulator from `init`; the accumulators are returned for the
     /// caller to merge. `tick` is called once per finished sample.
-    pub fn observe<A, I, V>(&self, samples: &[Sample], init: I, visit: V, tick: &(dyn Fn() + Sync)) -> Result<Vec<A>>
+    pub fn observe<A, I, V>(
+        &self,
+        samples: &[Sample],
+        init: I,
+        visit: V,
+        tick: &(dyn Fn() + Sync),
+    ) -> Result<Vec<A>>
     where
         A: Send,
         I: Fn() -> A + Sync,
         V: Fn(&mut A, usize, &[usize], &[f32]) + Sync,
     {
-        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(samples.len()).max(1);
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(samples.len())
+            .max(1);
         std::thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
                 .map(|w| {
@@ -92,8 +116,9 @@ impl FloatModel {
                     scope.spawn(move || -> Result<A> {
                         let mut acc = init();
                         for sample in samples.iter().skip(w).step_by(workers) {
-                            self.run_one(sample, &mut acc, visit)
-                                .with_context(|| format!("running the float model on {}", sample.origin))?;
+                            self.run_one(sample, &mut acc, visit).with_context(|| {
+                                format!("running the float model on {}", sample.origin)
+                            })?;
                             tick();
                         }
                         Ok(acc)
@@ -102,7 +127,10 @@ impl FloatModel {
                 .collect();
             handles
                 .into_iter()
-                .map(|h| h.join().map_err(|_| anyhow!("a calibration worker panicked"))?)
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| anyhow!("a calibration worker panicked"))?
+                })
                 .collect()
         })
     }

@@ -19,11 +19,28 @@ fn fails(model: &Path, out: &Path, calib: &Path) -> String {
     let stderr = String::from_utf8_lossy(&o.stderr).to_string();
     assert_eq!(o.status.code(), Some(1), "expected exit 1: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "one line expected: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "one line expected: {stderr}"
+    );
     assert!(stderr.starts_with("error: "), "{stderr}");
-    assert!(!out.exists(), "partial output {} was written", out.display());
-    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap()).unwrap().flatten().map(|e| e.file_name()).collect();
-    assert!(leftovers.iter().all(|f| !f.to_string_lossy().starts_with(".tmp")), "temp files left: {leftovers:?}");
+    assert!(
+        !out.exists(),
+        "partial output {} was written",
+        out.display()
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        leftovers
+            .iter()
+            .all(|f| !f.to_string_lossy().starts_with(".tmp")),
+        "temp files left: {leftovers:?}"
+    );
     stderr
 }
 
@@ -33,22 +50,40 @@ fn truncated_model() {
     let bytes = std::fs::read(fixture("conv_relu").join("model.onnx")).unwrap();
     let model = dir.path().join("truncated.onnx");
     std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
-    let err = fails(&model, &dir.path().join("q.onnx"), &fixture("conv_relu").join("calib.npz"));
-    assert!(err.contains("truncated.onnx") && err.contains("not an ONNX model"), "{err}");
+    let err = fails(
+        &model,
+        &dir.path().join("q.onnx"),
+        &fixture("conv_relu").join("calib.npz"),
+    );
+    assert!(
+        err.contains("truncated.onnx") && err.contains("not an ONNX model"),
+        "{err}"
+    );
 }
 
 #[test]
 fn non_onnx_file() {
     let dir = tempdir();
     let model = crate::root().join("Cargo.toml");
-    let err = fails(&model, &dir.path().join("q.onnx"), &fixture("conv_relu").join("calib.npz"));
-    assert!(err.contains("Cargo.toml") && err.contains("not an ONNX model"), "{err}");
+    let err = fails(
+        &model,
+        &dir.path().join("q.onnx"),
+        &fixture("conv_relu").join("calib.npz"),
+    );
+    assert!(
+        err.contains("Cargo.toml") && err.contains("not an ONNX model"),
+        "{err}"
+    );
 }
 
 #[test]
 fn missing_model() {
     let dir = tempdir();
-    let err = fails(&dir.path().join("nope.onnx"), &dir.path().join("q.onnx"), &fixture("conv_relu").join("calib.npz"));
+    let err = fails(
+        &dir.path().join("nope.onnx"),
+        &dir.path().join("q.onnx"),
+        &fixture("conv_relu").join("calib.npz"),
+    );
     assert!(err.contains("nope.onnx"), "{err}");
 }
 
@@ -56,14 +91,25 @@ fn missing_model() {
 fn missing_calibration_folder() {
     let dir = tempdir();
     let missing = dir.path().join("no-such-folder");
-    let err = fails(&fixture("conv_relu").join("model.onnx"), &dir.path().join("q.onnx"), &missing);
-    assert!(err.contains("no-such-folder") && err.contains("does not exist"), "{err}");
+    let err = fails(
+        &fixture("conv_relu").join("model.onnx"),
+        &dir.path().join("q.onnx"),
+        &missing,
+    );
+    assert!(
+        err.contains("no-such-folder") && err.contains("does not exist"),
+        "{err}"
+    );
 }
 
 #[test]
 fn undecodable_image() {
     let dir = tempdir();
-    let err = fails(&fixture("classifier").join("model.onnx"), &dir.path().join("q.onnx"), &fixture("images_bad"));
+    let err = fails(
+        &fixture("classifier").join("model.onnx"),
+        &dir.path().join("q.onnx"),
+        &fixture("images_bad"),
+    );
     assert!(err.contains("broken.png"), "{err}");
 }
 
@@ -77,16 +123,30 @@ fn npz_with_wrong_names() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let err = fails(&fixture("conv_relu").join("model.onnx"), &dir.path().join("q.onnx"), &npz);
-    assert!(err.contains("wrong.npz") && err.contains("'input'") && err.contains("image"), "{err}");
+    let err = fails(
+        &fixture("conv_relu").join("model.onnx"),
+        &dir.path().join("q.onnx"),
+        &npz,
+    );
+    assert!(
+        err.contains("wrong.npz") && err.contains("'input'") && err.contains("image"),
+        "{err}"
+    );
 }
 
 #[test]
 fn npz_with_wrong_shapes() {
     let dir = tempdir();
     // matmul's calibration data is [16, 8, 16]; conv_relu expects [N, 3, 16, 16].
-    let err = fails(&fixture("conv_relu").join("model.onnx"), &dir.path().join("q.onnx"), &fixture("matmul").join("calib.npz"));
-    assert!(err.contains("calib.npz") && err.contains("'input'") && err.contains("expects"), "{err}");
+    let err = fails(
+        &fixture("conv_relu").join("model.onnx"),
+        &dir.path().join("q.onnx"),
+        &fixture("matmul").join("calib.npz"),
+    );
+    assert!(
+        err.contains("calib.npz") && err.contains("'input'") && err.contains("expects"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -103,7 +163,10 @@ fn output_in_a_missing_folder() {
     ]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr.contains("missing") && stderr.contains("does not exist"), "{stderr}");
+    assert!(
+        stderr.contains("missing") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"));
     assert!(!out.exists());
 }
@@ -130,14 +193,28 @@ fn output_equal_to_input_is_refused() {
 fn already_quantized_model_is_refused() {
     let dir = tempdir();
     let q = dir.path().join("q.onnx");
-    crate::quantize(&fixture("conv_relu").join("model.onnx"), &q, &fixture("conv_relu").join("calib.npz"), &["--quiet"]);
-    let err = fails(&q, &dir.path().join("qq.onnx"), &fixture("conv_relu").join("calib.npz"));
+    crate::quantize(
+        &fixture("conv_relu").join("model.onnx"),
+        &q,
+        &fixture("conv_relu").join("calib.npz"),
+        &["--quiet"],
+    );
+    let err = fails(
+        &q,
+        &dir.path().join("qq.onnx"),
+        &fixture("conv_relu").join("calib.npz"),
+    );
     assert!(err.contains("already quantized"), "{err}");
 }
 
 #[test]
 fn unknown_excluded_node_is_an_error() {
-    let o = lapq(&["inspect", fixture("conv_relu").join("model.onnx").to_str().unwrap(), "--exclude-nodes", "nope"]);
+    let o = lapq(&[
+        "inspect",
+        fixture("conv_relu").join("model.onnx").to_str().unwrap(),
+        "--exclude-nodes",
+        "nope",
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("'nope'"));
 }

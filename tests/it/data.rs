@@ -5,16 +5,27 @@ use std::process::Command;
 use crate::{check_qdq, fixture, lapq, python, quantize, tempdir};
 
 fn py(code: &str, args: &[&str]) {
-    let o = Command::new(python()).arg("-c").arg(code).args(args).output().expect("python runs");
+    let o = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("python runs");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]
 fn npy_gives_the_same_model_as_npz() {
     let dir = tempdir();
-    let (model, npz) = (fixture("conv_relu").join("model.onnx"), fixture("conv_relu").join("calib.npz"));
+    let (model, npz) = (
+        fixture("conv_relu").join("model.onnx"),
+        fixture("conv_relu").join("calib.npz"),
+    );
     let npy = dir.path().join("calib.npy");
-    py("import numpy as np, sys; np.save(sys.argv[2], np.load(sys.argv[1])['input'])", &[npz.to_str().unwrap(), npy.to_str().unwrap()]);
+    py(
+        "import numpy as np, sys; np.save(sys.argv[2], np.load(sys.argv[1])['input'])",
+        &[npz.to_str().unwrap(), npy.to_str().unwrap()],
+    );
     let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
     quantize(&model, &a, &npz, &["--quiet"]);
     quantize(&model, &b, &npy, &["--quiet"]);
@@ -31,13 +42,16 @@ fn test_data_sets_give_the_same_model_as_the_same_arrays() {
          from onnx import numpy_helper\n\
          a = [numpy_helper.to_array(onnx.load_tensor(d + '/input_0.pb')) for d in sorted(glob.glob(sys.argv[1] + '/test_data_set_*'))]\n\
          np.savez(sys.argv[2], input=np.concatenate(a))",
-        &[fixture("conv_relu").to_str().unwrap(), npz.to_str().unwrap()],
+        &[
+            fixture("conv_relu").to_str().unwrap(),
+            npz.to_str().unwrap(),
+        ],
     );
     let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
     quantize(&model, &a, &fixture("conv_relu"), &["--quiet"]);
     quantize(&model, &b, &npz, &["--quiet"]);
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
-    check_qdq(&model, &a, &fixture("conv_relu").join("calib.npz"), "structure", "Conv");
+    check_qdq(&model, &a, &npz, "w8a8", "Conv");
 }
 
 #[test]
@@ -49,11 +63,34 @@ fn image_folder_calibrates_an_image_model() {
         &model,
         &out,
         &fixture("images"),
-        &["--quiet", "--mean", "127", "--std", "128", "--report", report.to_str().unwrap()],
+        &[
+            "--quiet",
+            "--mean",
+            "127",
+            "--std",
+            "128",
+            "--report",
+            report.to_str().unwrap(),
+        ],
     );
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(r["calibration_samples"], 6);
-    check_qdq(&model, &out, &fixture("classifier").join("calib.npz"), "structure", "Conv,Gemm");
+    // The same images preprocessed independently (PIL): resize the short side to 16 x 256 / 224 = 18,
+    // centre crop 16x16, (x - 127) / 128, NCHW.
+    let npz = dir.path().join("images.npz");
+    py(
+        "import numpy as np, sys, glob\n\
+         from PIL import Image\n\
+         xs = []\n\
+         for f in sorted(glob.glob(sys.argv[1] + '/*')):\n\
+         \x20   im = Image.open(f).convert('RGB'); w, h = im.size; s = 18 / min(w, h)\n\
+         \x20   im = im.resize((max(16, round(w * s)), max(16, round(h * s))), Image.BILINEAR); w, h = im.size\n\
+         \x20   l, t = round((w - 16) / 2), round((h - 16) / 2)\n\
+         \x20   xs.append(((np.asarray(im.crop((l, t, l + 16, t + 16)), np.float32) - 127) / 128).transpose(2, 0, 1))\n\
+         np.savez(sys.argv[2], input=np.stack(xs))",
+        &[fixture("images").to_str().unwrap(), npz.to_str().unwrap()],
+    );
+    check_qdq(&model, &out, &npz, "w8a8", "Conv,Gemm");
 }
 
 #[test]
@@ -62,14 +99,35 @@ fn max_samples_draws_a_seeded_subset() {
     let model = fixture("gemm").join("model.onnx");
     let calib = fixture("gemm").join("calib.npz");
     let run = |seed: &str, name: &str| {
-        let (out, report) = (dir.path().join(format!("{name}.onnx")), dir.path().join(format!("{name}.json")));
-        quantize(&model, &out, &calib, &["--quiet", "--max-samples", "3", "--seed", seed, "--report", report.to_str().unwrap()]);
-        let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let (out, report) = (
+            dir.path().join(format!("{name}.onnx")),
+            dir.path().join(format!("{name}.json")),
+        );
+        quantize(
+            &model,
+            &out,
+            &calib,
+            &[
+                "--quiet",
+                "--max-samples",
+                "3",
+                "--seed",
+                seed,
+                "--report",
+                report.to_str().unwrap(),
+            ],
+        );
+        let r: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
         assert_eq!(r["calibration_samples"], 3);
         std::fs::read(out).unwrap()
     };
     assert_eq!(run("1", "a"), run("1", "b"));
-    assert_ne!(run("1", "c"), run("2", "d"), "different seeds should draw different samples");
+    assert_ne!(
+        run("1", "c"),
+        run("2", "d"),
+        "different seeds should draw different samples"
+    );
     let o = lapq(&["inspect", model.to_str().unwrap()]);
     assert!(o.status.success());
 }

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use crate::{check_qdq, quantize, root, tempdir};
 
 fn require(path: PathBuf) -> PathBuf {
-    assert!(path.is_file(), "{} is missing: run scripts/test (it fetches the model and makes the crops)", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/test (it fetches the model and makes the crops)",
+        path.display()
+    );
     path
 }
 

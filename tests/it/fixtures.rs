@@ -22,7 +22,10 @@ const FIXTURES: &[(&str, &str)] = &[
 fn every_fixture_per_channel_matches_onnx_runtime_and_fuses() {
     let dir = tempdir();
     for (name, fused) in FIXTURES {
-        let (model, calib) = (fixture(name).join("model.onnx"), fixture(name).join("calib.npz"));
+        let (model, calib) = (
+            fixture(name).join("model.onnx"),
+            fixture(name).join("calib.npz"),
+        );
         let out = dir.path().join(format!("{name}.onnx"));
         quantize(&model, &out, &calib, &["--quiet"]);
         let report = check_qdq(&model, &out, &calib, "w8a8", fused);
@@ -34,7 +37,10 @@ fn every_fixture_per_channel_matches_onnx_runtime_and_fuses() {
 fn every_fixture_per_tensor_matches_onnx_runtime() {
     let dir = tempdir();
     for (name, fused) in FIXTURES {
-        let (model, calib) = (fixture(name).join("model.onnx"), fixture(name).join("calib.npz"));
+        let (model, calib) = (
+            fixture(name).join("model.onnx"),
+            fixture(name).join("calib.npz"),
+        );
         let out = dir.path().join(format!("{name}.onnx"));
         quantize(&model, &out, &calib, &["--quiet", "--per-tensor"]);
         check_qdq(&model, &out, &calib, "w8a8_per_tensor", fused);
@@ -58,10 +64,24 @@ fn same_input_and_seed_give_byte_identical_output() {
     let calib = fixture("classifier").join("calib.npz");
     let before = std::fs::read(&model).unwrap();
     let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
-    quantize(&model, &a, &calib, &["--quiet", "--max-samples", "8", "--seed", "7"]);
-    quantize(&model, &b, &calib, &["--quiet", "--max-samples", "8", "--seed", "7"]);
+    quantize(
+        &model,
+        &a,
+        &calib,
+        &["--quiet", "--max-samples", "8", "--seed", "7"],
+    );
+    quantize(
+        &model,
+        &b,
+        &calib,
+        &["--quiet", "--max-samples", "8", "--seed", "7"],
+    );
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
-    assert_eq!(std::fs::read(&model).unwrap(), before, "the input model was modified");
+    assert_eq!(
+        std::fs::read(&model).unwrap(),
+        before,
+        "the input model was modified"
+    );
 }
 
 #[test]
@@ -69,10 +89,21 @@ fn external_data_is_written_beside_the_output() {
     let dir = tempdir();
     let model = fixture("external_data").join("model.onnx");
     let out = dir.path().join("q.onnx");
-    quantize(&model, &out, &fixture("external_data").join("calib.npz"), &["--quiet"]);
+    quantize(
+        &model,
+        &out,
+        &fixture("external_data").join("calib.npz"),
+        &["--quiet"],
+    );
     assert!(dir.path().join("q.onnx.data").is_file());
     // check_qdq loads it by path, so ONNX Runtime and the checker resolve the external file.
-    check_qdq(&model, &out, &fixture("external_data").join("calib.npz"), "w8a8", "Conv");
+    check_qdq(
+        &model,
+        &out,
+        &fixture("external_data").join("calib.npz"),
+        "w8a8",
+        "Conv",
+    );
 }
 
 #[test]
@@ -90,11 +121,22 @@ fn excluded_and_first_last_layers_stay_float_with_reasons() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let decision = |op: &str| {
-        plan["nodes"].as_array().unwrap().iter().find(|n| n["op_type"] == op).unwrap()["decision"].clone()
+        plan["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["op_type"] == op)
+            .unwrap()["decision"]
+            .clone()
     };
     assert_eq!(decision("GlobalAveragePool")["Float"], "ExcludedByOpType");
     assert_eq!(decision("Gemm")["Float"], "LastLayerKeptFloat");
-    let convs: Vec<_> = plan["nodes"].as_array().unwrap().iter().filter(|n| n["op_type"] == "Conv").collect();
+    let convs: Vec<_> = plan["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["op_type"] == "Conv")
+        .collect();
     assert_eq!(convs[0]["decision"]["Float"], "FirstLayerKeptFloat");
     assert_eq!(convs[1]["decision"], "Quantized");
 }
@@ -104,11 +146,33 @@ fn report_lists_parameters_and_skipped_nodes() {
     let dir = tempdir();
     let model = fixture("unsupported_op").join("model.onnx");
     let (out, report) = (dir.path().join("q.onnx"), dir.path().join("r.json"));
-    quantize(&model, &out, &fixture("unsupported_op").join("calib.npz"), &["--quiet", "--report", report.to_str().unwrap()]);
+    quantize(
+        &model,
+        &out,
+        &fixture("unsupported_op").join("calib.npz"),
+        &["--quiet", "--report", report.to_str().unwrap()],
+    );
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     let skipped = r["skipped"].as_array().unwrap();
-    assert!(skipped.iter().any(|s| s["op_type"] == "Sin" && s["code"] == "no_integer_kernel"), "{r}");
-    assert!(r["activations"].as_array().unwrap().iter().all(|a| a["scale"].as_f64().unwrap() > 0.0));
-    assert!(r["weights"].as_array().unwrap().iter().all(|w| w["axis"] == 0));
+    assert!(
+        skipped
+            .iter()
+            .any(|s| s["op_type"] == "Sin" && s["code"] == "no_integer_kernel"),
+        "{r}"
+    );
+    assert!(
+        r["activations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|a| a["scale"].as_f64().unwrap() > 0.0)
+    );
+    assert!(
+        r["weights"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|w| w["axis"] == 0)
+    );
     assert_eq!(r["calibration_samples"], 16);
 }

@@ -21,12 +21,17 @@ pub fn fixture(name: &str) -> PathBuf {
 
 /// The pinned Python with onnx and onnxruntime (`scripts/setup-python`), or `$LAPQ_PYTHON`.
 pub fn python() -> PathBuf {
-    std::env::var_os("LAPQ_PYTHON").map(PathBuf::from).unwrap_or_else(|| root().join(".venv/bin/python"))
+    std::env::var_os("LAPQ_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/bin/python"))
 }
 
 /// Runs the `lapq` binary.
 pub fn lapq(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_lapq")).args(args).output().expect("lapq runs")
+    Command::new(env!("CARGO_BIN_EXE_lapq"))
+        .args(args)
+        .output()
+        .expect("lapq runs")
 }
 
 /// Runs `lapq quantize` and panics with its stderr if it fails.
@@ -41,20 +46,37 @@ pub fn quantize(model: &Path, out: &Path, calib: &Path, extra: &[&str]) {
     ];
     args.extend_from_slice(extra);
     let o = lapq(&args);
-    assert!(o.status.success(), "lapq {args:?} failed:\n{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "lapq {args:?} failed:\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// The independent check: `onnx.checker` full check, ONNX Runtime load, fused-op counts, and outputs
 /// against ONNX Runtime's float run under a named tolerance tier. Panics on failure; returns its JSON.
-pub fn check_qdq(float: &Path, quant: &Path, data: &Path, tier: &str, expect_fused: &str) -> serde_json::Value {
+pub fn check_qdq(
+    float: &Path,
+    quant: &Path,
+    data: &Path,
+    tier: &str,
+    expect_fused: &str,
+) -> serde_json::Value {
     let mut cmd = Command::new(python());
     cmd.arg(root().join("scripts/check_qdq.py"))
-        .args(["--float", float.to_str().unwrap(), "--quant", quant.to_str().unwrap()])
+        .args([
+            "--float",
+            float.to_str().unwrap(),
+            "--quant",
+            quant.to_str().unwrap(),
+        ])
         .args(["--data", data.to_str().unwrap(), "--tier", tier]);
     if !expect_fused.is_empty() {
         cmd.args(["--expect-fused", expect_fused]);
     }
-    let o = cmd.output().expect("python runs (scripts/setup-python makes .venv)");
+    let o = cmd
+        .output()
+        .expect("python runs (scripts/setup-python makes .venv)");
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(
         o.status.success(),

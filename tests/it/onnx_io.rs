@@ -6,22 +6,36 @@ use crate::fixture;
 
 #[test]
 fn fixtures_round_trip_byte_identical() {
-    for name in ["conv_relu", "constant_nodes", "classifier", "matmul", "external_data"] {
+    for name in [
+        "conv_relu",
+        "constant_nodes",
+        "classifier",
+        "matmul",
+        "external_data",
+    ] {
         let bytes = std::fs::read(fixture(name).join("model.onnx")).unwrap();
         let model = decode_model(&bytes, name).unwrap();
-        assert_eq!(encode_model(&model), bytes, "{name} changed in a decode/encode round trip");
+        assert_eq!(
+            encode_model(&model),
+            bytes,
+            "{name} changed in a decode/encode round trip"
+        );
     }
 }
 
 #[test]
 fn external_data_is_loaded_relative_to_the_model() {
     let (ext, _) = lapq::onnx::read_model(&fixture("external_data").join("model.onnx")).unwrap();
-    let (inline, had_external) = lapq::onnx::read_model(&fixture("conv_relu").join("model.onnx")).unwrap();
+    let (inline, had_external) =
+        lapq::onnx::read_model(&fixture("conv_relu").join("model.onnx")).unwrap();
     assert!(!had_external);
     let weights = |m: &lapq::onnx::ModelProto| {
         let g = m.graph.as_ref().unwrap();
-        let mut w: Vec<(String, Vec<f32>)> =
-            g.initializer.iter().map(|t| (t.name().to_string(), lapq::onnx::tensor_f32(t).unwrap())).collect();
+        let mut w: Vec<(String, Vec<f32>)> = g
+            .initializer
+            .iter()
+            .map(|t| (t.name().to_string(), lapq::onnx::tensor_f32(t).unwrap()))
+            .collect();
         w.sort_by(|a, b| a.0.cmp(&b.0));
         w
     };
