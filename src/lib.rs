@@ -24,9 +24,39 @@ use report::{Report, Timings};
 
 /// Quantizes `job.model` with calibration data `job.data` and writes the QDQ model to `job.output`.
 pub fn quantize(job: &Job) -> Result<Report> {
+    let mut c = calibrate(job)?;
+    let index = GraphIndex::new(&c.model)?;
+    let qdq = export::qdq_model(&index, &c.plan, &c.params)?;
+    onnx::write_model(&qdq, &job.output, c.external_data)?;
+    c.timings.lap("export");
+    Ok(Report::new(
+        job,
+        &c.plan,
+        &c.params,
+        &c.stats,
+        c.samples.len(),
+        c.timings,
+    ))
+}
+
+/// A calibrated run, before export: everything the later stages (export, oracle, report) need.
+pub struct Calibrated {
+    pub model: onnx::ModelProto,
+    /// Whether the input model stored tensors externally (the output does too).
+    pub external_data: bool,
+    pub plan: QuantPlan,
+    pub params: Params,
+    /// Range statistics per activation site (`None` where fixed or shared).
+    pub stats: Vec<Option<RangeStats>>,
+    pub samples: Vec<data::Sample>,
+    pub timings: Timings,
+}
+
+/// The stages up to calibration: read, index, plan, data, statistics, calibrate.
+pub fn calibrate(job: &Job) -> Result<Calibrated> {
     let mut timings = Timings::start();
     check_output_path(&job.model, &job.output)?;
-    let (model, external) = onnx::read_model(&job.model)?;
+    let (model, external_data) = onnx::read_model(&job.model)?;
     let index =
         GraphIndex::new(&model).with_context(|| format!("model {}", job.model.display()))?;
     timings.lap("read");
@@ -38,17 +68,50 @@ pub fn quantize(job: &Job) -> Result<Report> {
     timings.lap("statistics");
     let params = calibrate_minmax(&index, &plan, &stats)?;
     timings.lap("calibrate");
-    let qdq = export::qdq_model(&index, &plan, &params)?;
-    onnx::write_model(&qdq, &job.output, external)?;
-    timings.lap("export");
-    Ok(Report::new(
-        job,
-        &plan,
-        &params,
-        &stats,
-        samples.len(),
+    drop(index);
+    Ok(Calibrated {
+        model,
+        external_data,
+        plan,
+        params,
+        stats,
+        samples,
         timings,
-    ))
+    })
+}
+
+/// Builds the loss oracle of a calibrated run over `samples` (batches of `batch` samples).
+pub fn oracle(c: &Calibrated, samples: Vec<data::Sample>, batch: usize) -> Result<oracle::Oracle> {
+    let index = GraphIndex::new(&c.model)?;
+    let sites = oracle::Sites {
+        activations: c
+            .plan
+            .activations
+            .iter()
+            .map(|a| a.tensor.clone())
+            .collect(),
+        weights: c.plan.weights.iter().map(|w| w.tensor.clone()).collect(),
+        biases: c
+            .plan
+            .biases
+            .iter()
+            .map(|b| {
+                let node = index.node(b.node);
+                oracle::BiasSite {
+                    node: if node.name().is_empty() {
+                        node.output[0].clone()
+                    } else {
+                        node.name().to_string()
+                    },
+                    slot: 2,
+                    input: b.input,
+                    weight: b.weight,
+                    beta: b.beta,
+                }
+            })
+            .collect(),
+    };
+    oracle::Oracle::new(&onnx::encode_model(&c.model), &sites, samples, None, batch)
 }
 
 /// Reads a model and plans its quantization without touching data: what `lapq inspect` shows.

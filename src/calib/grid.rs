@@ -153,19 +153,27 @@ impl QParams {
 
     /// Quantize-dequantize of a tensor of shape `dims`.
     pub fn fake_quant_tensor(&self, data: &[f32], dims: &[usize]) -> Vec<f32> {
+        let mut out = data.to_vec();
+        self.fake_quant_in_place(&mut out, dims);
+        out
+    }
+
+    /// Quantize-dequantize in place, without allocating (the oracle's hot path).
+    pub fn fake_quant_in_place(&self, data: &mut [f32], dims: &[usize]) {
         let (channels, inner) = self.layout(dims);
-        self.quantize_tensor(data, dims)
-            .into_iter()
-            .enumerate()
-            .map(|(i, q)| {
-                let c = if channels == 1 {
-                    0
-                } else {
-                    (i / inner) % channels
-                };
-                (q - self.zero_point[c]) as f32 * self.scale[c]
-            })
-            .collect()
+        if channels == 1 {
+            let (s, z) = (self.scale[0], self.zero_point[0]);
+            data.iter_mut()
+                .for_each(|x| *x = self.grid.fake_quant(*x, s, z));
+            return;
+        }
+        for (block, chunk) in data.chunks_mut(inner.max(1)).enumerate() {
+            let c = block % channels;
+            let (s, z) = (self.scale[c], self.zero_point[c]);
+            chunk
+                .iter_mut()
+                .for_each(|x| *x = self.grid.fake_quant(*x, s, z));
+        }
     }
 
     fn layout(&self, dims: &[usize]) -> (usize, usize) {

@@ -3,9 +3,11 @@
 //! here is unit-tested without a model.
 
 mod grid;
+mod loss;
 mod stats;
 
 pub use grid::{Grid, QParams, bias_params, guard_bias_overflow, quantize_bias};
+pub use loss::{LossKind, cross_entropy, kl_softmax, mse};
 pub use stats::{RangeStats, channel_min_max};
 
 use serde::Serialize;

@@ -1,6 +1,10 @@
 //! The only module that uses tract: it runs the float model and shows the caller the tensors it asks
 //! for, by their ONNX names. (The loss oracle of LAPQ will live here too.)
 
+mod quant;
+
+pub use quant::{BiasSite, QuantModel, SampleOutputs, Sites, plans_built};
+
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -165,5 +169,121 @@ impl FloatModel {
             }
         }
         Ok(())
+    }
+}
+
+/// The loss oracle: the quantized network over a fixed calibration subset, compared with the float
+/// network's outputs (computed once).
+pub struct Oracle {
+    model: QuantModel,
+    samples: Vec<Sample>,
+    reference: Vec<SampleOutputs>,
+    labels: Option<Vec<usize>>,
+    kind: crate::calib::LossKind,
+    batch: usize,
+}
+
+impl Oracle {
+    /// Builds the quantized network once and computes the float reference outputs of `samples`.
+    ///
+    /// The loss is cross-entropy when `labels` are given (one per sample), KL divergence of the softmax
+    /// for a single `[N, K]` output, and MSE of all outputs otherwise.
+    pub fn new(
+        model_bytes: &[u8],
+        sites: &Sites,
+        samples: Vec<Sample>,
+        labels: Option<Vec<usize>>,
+        batch: usize,
+    ) -> Result<Oracle> {
+        if let Some(l) = &labels {
+            anyhow::ensure!(
+                l.len() == samples.len(),
+                "{} labels for {} samples",
+                l.len(),
+                samples.len()
+            );
+        }
+        let model = QuantModel::load(model_bytes, sites)?;
+        model.set_quantized(false);
+        model.set_params(&empty_params(sites))?;
+        let reference = model.run(&samples, batch)?;
+        model.set_quantized(true);
+        let classifier = reference
+            .first()
+            .is_some_and(|o| o.len() == 1 && o[0].0.len() == 2 && o[0].0[1] > 1);
+        let kind = match (classifier, &labels) {
+            (true, Some(_)) => crate::calib::LossKind::CrossEntropy,
+            (true, None) => crate::calib::LossKind::KlSoftmax,
+            (false, _) => crate::calib::LossKind::Mse,
+        };
+        Ok(Oracle {
+            model,
+            samples,
+            reference,
+            labels,
+            kind,
+            batch,
+        })
+    }
+
+    /// Which loss this oracle computes.
+    pub fn kind(&self) -> crate::calib::LossKind {
+        self.kind
+    }
+
+    /// The float network's outputs, per sample.
+    pub fn reference(&self) -> &[SampleOutputs] {
+        &self.reference
+    }
+
+    /// The quantized network's outputs with `params`, per sample.
+    pub fn outputs(&self, params: &crate::calib::Params) -> Result<Vec<SampleOutputs>> {
+        self.model.set_params(params)?;
+        self.model.run(&self.samples, self.batch)
+    }
+
+    /// The mean loss over the samples with `params`.
+    pub fn loss(&self, params: &crate::calib::Params) -> Result<f64> {
+        use crate::calib::{LossKind, cross_entropy, kl_softmax, mse};
+        let outputs = self.outputs(params)?;
+        let mut total = 0.0;
+        let mut rows = 0usize;
+        for (s, (q, f)) in outputs.iter().zip(&self.reference).enumerate() {
+            for ((qd, qv), (_, fv)) in q.iter().zip(f) {
+                let k = if self.kind == LossKind::Mse {
+                    qv.len().max(1)
+                } else {
+                    qd[1]
+                };
+                for (r, (qrow, frow)) in qv.chunks(k).zip(fv.chunks(k)).enumerate() {
+                    total += match self.kind {
+                        LossKind::KlSoftmax => kl_softmax(frow, qrow),
+                        LossKind::Mse => mse(frow, qrow),
+                        LossKind::CrossEntropy => {
+                            let labels = self.labels.as_deref().unwrap_or(&[]);
+                            cross_entropy(qrow, labels.get(s + r).copied().unwrap_or(0))
+                        }
+                    };
+                    rows += 1;
+                }
+            }
+        }
+        Ok(total / rows.max(1) as f64)
+    }
+}
+
+/// Parameters that leave every site unchanged (used while the fake quantization is disabled).
+fn empty_params(sites: &Sites) -> crate::calib::Params {
+    use crate::calib::{Grid, QParams};
+    let unit = QParams {
+        grid: Grid::U8_ASYM,
+        scale: vec![1.0],
+        zero_point: vec![0],
+        axis: None,
+    };
+    crate::calib::Params {
+        activations: vec![unit.clone(); sites.activations.len()],
+        weights: vec![unit.clone(); sites.weights.len()],
+        biases: vec![unit; sites.biases.len()],
     }
 }

@@ -5,6 +5,7 @@ mod data;
 mod effnet;
 mod fixtures;
 mod onnx_io;
+mod oracle;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,0 +1,449 @@
+//! The quantized network as tract runs it: the float model with a fake-quantization op after every
+//! quantized tensor, reading its parameters from a table shared with the caller. Changing parameters
+//! writes the table; it never rebuilds or re-optimizes the model.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::{
+    EvalContext, Expansion, InferenceResult, Op, Solver, StaticName, TensorProxy, TypedFact,
+    TypedOp, check_input_arity, check_output_arity, expand,
+};
+use tract_onnx::tract_hir::tract_core::ops::EvalOp;
+use tract_onnx::tract_hir::tract_core::{as_op, not_out_of_plan, op_as_typed_op};
+
+use crate::calib::{self, Params};
+use crate::data::{Sample, Values};
+
+/// Number of tract plans optimized by this process (each costs a full optimization; parameter
+/// changes must never add one).
+pub fn plans_built() -> usize {
+    BUILDS.load(Ordering::SeqCst)
+}
+
+static BUILDS: AtomicUsize = AtomicUsize::new(0);
+
+/// A bias fake-quantized as ONNX Runtime dequantizes it: int32, scale = input scale x weight scale.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BiasSite {
+    /// The node (tract names nodes by their ONNX name, or their first output when unnamed).
+    pub node: String,
+    /// The bias's input slot on that node.
+    pub slot: usize,
+    /// Index of the node's input among the activation sites.
+    pub input: usize,
+    /// Index of the node's weight among the weight sites.
+    pub weight: usize,
+    /// Gemm's beta (the exported bias holds beta x bias).
+    pub beta: f32,
+}
+
+/// Where the oracle fake-quantizes, by ONNX names: aligned with `Params`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sites {
+    /// Tensors computed at run time (their consumers read the fake-quantized value).
+    pub activations: Vec<String>,
+    /// Constants (initializers or `Constant` outputs).
+    pub weights: Vec<String>,
+    pub biases: Vec<BiasSite>,
+}
+
+/// The parameter table read by every fake-quantization op.
+#[derive(Debug)]
+struct Table {
+    enabled: AtomicBool,
+    activations: usize,
+    weights: usize,
+    /// Gemm's beta per bias site.
+    betas: Vec<f32>,
+    params: RwLock<Option<Params>>,
+}
+
+#[derive(Clone, Debug)]
+struct FakeQuant {
+    slot: usize,
+    table: Arc<Table>,
+}
+
+impl PartialEq for FakeQuant {
+    fn eq(&self, other: &Self) -> bool {
+        self.slot == other.slot && Arc::ptr_eq(&self.table, &other.table)
+    }
+}
+
+impl Eq for FakeQuant {}
+
+impl FakeQuant {
+    fn apply(&self, data: &mut [f32], dims: &[usize]) -> Result<()> {
+        let guard = self
+            .table
+            .params
+            .read()
+            .map_err(|_| anyhow!("parameter table poisoned"))?;
+        let params = guard
+            .as_ref()
+            .context("quantization parameters were never set")?;
+        let (a, w) = (self.table.activations, self.table.weights);
+        if self.slot < a + w {
+            let p = if self.slot < a {
+                &params.activations[self.slot]
+            } else {
+                &params.weights[self.slot - a]
+            };
+            p.fake_quant_in_place(data, dims);
+            return Ok(());
+        }
+        let b = self.slot - a - w;
+        let p = &params.biases[b];
+        let beta = self.table.betas[b];
+        data.iter_mut().for_each(|x| *x *= beta);
+        let q = calib::quantize_bias(data, p);
+        for (c, (x, q)) in data.iter_mut().zip(q).enumerate() {
+            let s = p.scale[if p.scale.len() == 1 { 0 } else { c }];
+            *x = q as f32 * s / beta;
+        }
+        Ok(())
+    }
+}
+
+impl Op for FakeQuant {
+    fn name(&self) -> StaticName {
+        "LapqFakeQuant".into()
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for FakeQuant {
+    not_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        if !self.table.enabled.load(Ordering::Relaxed) {
+            return Ok(inputs);
+        }
+        let Some(input) = inputs.into_iter().next() else {
+            bail!("fake quantization without input")
+        };
+        let mut t = input.into_tensor();
+        let dims = t.shape().to_vec();
+        let mut view = t.try_as_plain_ram_mut()?;
+        self.apply(view.as_slice_mut::<f32>()?, &dims)?;
+        Ok(tvec!(t.into_tvalue()))
+    }
+}
+
+impl TypedOp for FakeQuant {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(inputs[0].without_value()))
+    }
+    as_op!();
+}
+
+#[derive(Clone, Debug)]
+struct FakeQuantExpansion(FakeQuant);
+
+impl Expansion for FakeQuantExpansion {
+    fn name(&self) -> StaticName {
+        "LapqFakeQuant".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&outputs[0].datum_type, &inputs[0].datum_type)?;
+        s.equals(&outputs[0].shape, &inputs[0].shape)?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        model.wire_node(prefix, self.0.clone(), inputs)
+    }
+
+    /// Never evaluated while tract analyses or folds the graph: its value depends on the table.
+    fn runs_out_of_plan(&self) -> bool {
+        false
+    }
+}
+
+type Plan = Arc<TypedRunnableModel>;
+
+/// Outputs of one sample: per model output, its shape and values.
+pub type SampleOutputs = Vec<(Vec<usize>, Vec<f32>)>;
+
+/// The quantized network, built once.
+pub struct QuantModel {
+    template: InferenceModel,
+    table: Arc<Table>,
+    plans: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
+}
+
+impl QuantModel {
+    /// Loads the float ONNX model and inserts fake quantization at every site.
+    pub fn load(model_bytes: &[u8], sites: &Sites) -> Result<QuantModel> {
+        let mut model = tract_onnx::onnx()
+            .with_ignore_output_shapes(true)
+            .with_ignore_value_info(true)
+            .model_for_read(&mut &model_bytes[..])
+            .map_err(|e| anyhow!("tract cannot load the model: {e:#}"))?;
+        let table = Arc::new(Table {
+            enabled: AtomicBool::new(true),
+            activations: sites.activations.len(),
+            weights: sites.weights.len(),
+            betas: sites.biases.iter().map(|b| b.beta).collect(),
+            params: RwLock::new(None),
+        });
+        let op = |slot: usize| {
+            expand(FakeQuantExpansion(FakeQuant {
+                slot,
+                table: table.clone(),
+            }))
+        };
+        for (slot, name) in sites.activations.iter().chain(&sites.weights).enumerate() {
+            let outlet = find_outlet(&model, name)?;
+            let successors = model.outlet_successors(outlet).to_vec();
+            let fq = model.add_node(
+                format!("lapq.fq.{slot}.{name}"),
+                op(slot),
+                tvec!(InferenceFact::default()),
+            )?;
+            model.add_edge(outlet, InletId::new(fq, 0))?;
+            for inlet in successors {
+                model.add_edge(OutletId::new(fq, 0), inlet)?;
+            }
+            let outputs: Vec<OutletId> = model
+                .output_outlets()?
+                .iter()
+                .map(|&o| if o == outlet { OutletId::new(fq, 0) } else { o })
+                .collect();
+            model.select_output_outlets(&outputs)?;
+        }
+        let first_bias = sites.activations.len() + sites.weights.len();
+        for (k, b) in sites.biases.iter().enumerate() {
+            let node = model
+                .node_id_by_name(&b.node)
+                .with_context(|| format!("node '{}' not in tract's graph", b.node))?;
+            let source = *model
+                .node(node)
+                .inputs
+                .get(b.slot)
+                .with_context(|| format!("node '{}' has no input {}", b.node, b.slot))?;
+            let fq = model.add_node(
+                format!("lapq.fq.bias.{k}.{}", b.node),
+                op(first_bias + k),
+                tvec!(InferenceFact::default()),
+            )?;
+            model.add_edge(source, InletId::new(fq, 0))?;
+            model.add_edge(OutletId::new(fq, 0), InletId::new(node, b.slot))?;
+        }
+        for k in 0..model.output_outlets()?.len() {
+            model.set_output_fact(k, InferenceFact::default())?;
+        }
+        Ok(QuantModel {
+            template: model,
+            table,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Sets the parameters every later run uses. Never rebuilds anything.
+    pub fn set_params(&self, params: &Params) -> Result<()> {
+        ensure!(
+            params.activations.len() == self.table.activations
+                && params.weights.len() == self.table.weights
+                && params.biases.len() == self.table.betas.len(),
+            "parameters do not match the oracle's sites"
+        );
+        *self
+            .table
+            .params
+            .write()
+            .map_err(|_| anyhow!("parameter table poisoned"))? = Some(params.clone());
+        Ok(())
+    }
+
+    /// With `false`, every fake quantization passes its input through: the float network.
+    pub fn set_quantized(&self, on: bool) {
+        self.table.enabled.store(on, Ordering::SeqCst);
+    }
+
+    fn plan_for(&self, dims: Vec<Vec<usize>>, dts: &[DatumType]) -> Result<Plan> {
+        let mut plans = self
+            .plans
+            .lock()
+            .map_err(|_| anyhow!("a worker panicked"))?;
+        if let Some(p) = plans.get(&dims) {
+            return Ok(p.clone());
+        }
+        let mut model = self.template.clone();
+        for (k, (d, dt)) in dims.iter().zip(dts).enumerate() {
+            model.set_input_fact(k, InferenceFact::dt_shape(*dt, d))?;
+        }
+        let plan = model
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| {
+                anyhow!(
+                    "tract cannot optimize the quantized model for input shapes {dims:?}: {e:#}"
+                )
+            })?;
+        BUILDS.fetch_add(1, Ordering::SeqCst);
+        plans.insert(dims, plan.clone());
+        Ok(plan)
+    }
+
+    /// Runs every sample (grouped in batches of up to `batch` along axis 0, on all cores) and returns
+    /// each sample's outputs in order.
+    pub fn run(&self, samples: &[Sample], batch: usize) -> Result<Vec<SampleOutputs>> {
+        let groups = batches(samples, batch.max(1));
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(groups.len())
+            .max(1);
+        let results: Vec<Result<Vec<(usize, Vec<SampleOutputs>)>>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers)
+                .map(|w| {
+                    let groups = &groups;
+                    scope.spawn(move || -> Result<Vec<(usize, Vec<SampleOutputs>)>> {
+                        groups
+                            .iter()
+                            .enumerate()
+                            .skip(w)
+                            .step_by(workers)
+                            .map(|(g, range)| Ok((g, self.run_batch(&samples[range.clone()])?)))
+                            .collect()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow!("an oracle worker panicked")))
+                })
+                .collect()
+        });
+        let mut by_group: Vec<(usize, Vec<SampleOutputs>)> = vec![];
+        for r in results {
+            by_group.extend(r?);
+        }
+        by_group.sort_by_key(|(g, _)| *g);
+        Ok(by_group.into_iter().flat_map(|(_, o)| o).collect())
+    }
+
+    fn run_batch(&self, samples: &[Sample]) -> Result<Vec<SampleOutputs>> {
+        let first = &samples[0];
+        let rows: Vec<usize> = samples
+            .iter()
+            .map(|s| s.inputs[0].dims.first().copied().unwrap_or(1))
+            .collect();
+        let mut dims = vec![];
+        let mut dts = vec![];
+        let mut inputs: TVec<TValue> = tvec![];
+        for (k, t) in first.inputs.iter().enumerate() {
+            let mut d = t.dims.clone();
+            if let Some(d0) = d.first_mut() {
+                *d0 = samples
+                    .iter()
+                    .map(|s| s.inputs[k].dims.first().copied().unwrap_or(1))
+                    .sum();
+            }
+            let tensor = match &t.values {
+                Values::F32(_) => {
+                    let v: Vec<f32> = samples
+                        .iter()
+                        .flat_map(|s| s.inputs[k].as_f32().unwrap_or(&[]).iter().copied())
+                        .collect();
+                    dts.push(f32::datum_type());
+                    Tensor::from_shape(&d, &v)?
+                }
+                Values::I64(_) => {
+                    let v: Vec<i64> = samples
+                        .iter()
+                        .flat_map(|s| match &s.inputs[k].values {
+                            Values::I64(v) => v.clone(),
+                            Values::F32(_) => vec![],
+                        })
+                        .collect();
+                    dts.push(i64::datum_type());
+                    Tensor::from_shape(&d, &v)?
+                }
+            };
+            dims.push(d);
+            inputs.push(tensor.into());
+        }
+        let plan = self.plan_for(dims, &dts)?;
+        let outputs = plan
+            .run(inputs)
+            .map_err(|e| anyhow!("running the quantized model: {e:#}"))?;
+        let mut per_sample: Vec<SampleOutputs> = vec![vec![]; samples.len()];
+        for out in outputs {
+            let out = out.cast_to::<f32>()?.into_owned();
+            let view = out.try_as_plain_ram()?;
+            let values = view.as_slice::<f32>()?;
+            let total: usize = rows.iter().sum();
+            let shape = out.shape();
+            let per_row = if shape.first() == Some(&total) && total > 0 {
+                values.len() / total
+            } else {
+                0
+            };
+            let mut at = 0;
+            for (s, &r) in rows.iter().enumerate() {
+                let (sdims, svalues) = if per_row > 0 {
+                    let mut d = shape.to_vec();
+                    d[0] = r;
+                    (d, values[at..at + r * per_row].to_vec())
+                } else {
+                    (shape.to_vec(), values.to_vec())
+                };
+                at += r * per_row;
+                per_sample[s].push((sdims, svalues));
+            }
+        }
+        Ok(per_sample)
+    }
+}
+
+fn find_outlet(model: &InferenceModel, name: &str) -> Result<OutletId> {
+    model
+        .find_outlet_label(name)
+        .or_else(|| {
+            model
+                .node_by_name(name)
+                .ok()
+                .map(|n| OutletId::new(n.id, 0))
+        })
+        .with_context(|| format!("tensor '{name}' cannot be found in tract's graph"))
+}
+
+/// Consecutive samples with equal input shapes (beyond axis 0), at most `batch` per group.
+fn batches(samples: &[Sample], batch: usize) -> Vec<std::ops::Range<usize>> {
+    let key = |s: &Sample| {
+        s.inputs
+            .iter()
+            .map(|t| t.dims.get(1..).unwrap_or(&[]).to_vec())
+            .collect::<Vec<_>>()
+    };
+    let mut groups = vec![];
+    let mut start = 0;
+    for i in 1..=samples.len() {
+        if i == samples.len() || i - start == batch || key(&samples[i]) != key(&samples[start]) {
+            groups.push(start..i);
+            start = i;
+        }
+    }
+    groups
+}

@@ -1,0 +1,165 @@
+//! The oracle computes what ONNX Runtime computes on the exported QDQ model, and never rebuilds.
+
+use std::path::Path;
+use std::process::Command;
+
+use lapq::config::{DataConfig, ImageConfig, Job, QuantConfig};
+
+use crate::{fixture, python, root, tempdir};
+
+/// Oracle vs ONNX Runtime evaluating the exported Q/DQ unfused. Both apply the ONNX rounding rule to
+/// the same parameters, so outputs are bit-identical except where a value lands on a rounding tie and
+/// the two engines' float arithmetic (e.g. AveragePool's division) breaks it differently: then the
+/// output moves by exactly one quantization step. Tier: at most this fraction of values differ...
+const TIE_FLIPS_MAX_FRACTION: f64 = 0.05;
+/// ...and none by more than one output step (plus float slack).
+const TIE_FLIP_MAX_STEPS: f64 = 1.001;
+
+fn job(name: &str, out: &Path, per_channel: bool) -> Job {
+    Job {
+        model: fixture(name).join("model.onnx"),
+        output: out.to_path_buf(),
+        quant: QuantConfig {
+            per_channel,
+            ..Default::default()
+        },
+        data: DataConfig {
+            path: fixture(name).join("calib.npz"),
+            max_samples: None,
+            seed: 0,
+            image: ImageConfig::default(),
+        },
+        progress: false,
+    }
+}
+
+/// ONNX Runtime's outputs of `model` on `data` (as `ort_outputs.py` saves them), flattened per output.
+pub fn ort_outputs(model: &Path, data: &Path, level: &str) -> Vec<Vec<f32>> {
+    let out = model.with_extension("ort.npz");
+    let o = Command::new(python())
+        .arg(root().join("scripts/ort_outputs.py"))
+        .args([
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
+        .args(["--out", out.to_str().unwrap(), "--level", level])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut npz = npyz::npz::NpzArchive::open(&out).unwrap();
+    let mut outputs = vec![];
+    while let Some(a) = npz.by_name(&format!("o{}", outputs.len())).unwrap() {
+        outputs.push(a.into_vec::<f32>().unwrap());
+    }
+    outputs
+}
+
+/// Per output: the fraction of values that differ, and the largest difference in output steps.
+pub fn gap(
+    oracle: &[lapq::oracle::SampleOutputs],
+    ort: &[Vec<f32>],
+    steps: &[f32],
+) -> Vec<(f64, f64)> {
+    ort.iter()
+        .zip(steps)
+        .enumerate()
+        .map(|(k, (ort_k, &step))| {
+            let ours: Vec<f32> = oracle.iter().flat_map(|s| s[k].1.iter().copied()).collect();
+            assert_eq!(ours.len(), ort_k.len());
+            let diffs: Vec<f32> = ours.iter().zip(ort_k).map(|(a, b)| (a - b).abs()).collect();
+            let differ = diffs.iter().filter(|&&d| d > step * 1e-3).count() as f64
+                / diffs.len().max(1) as f64;
+            let worst = diffs.iter().fold(0f32, |m, &d| m.max(d)) as f64 / step as f64;
+            (differ, worst)
+        })
+        .collect()
+}
+
+/// The quantization step of each graph output (outputs are activation sites in these fixtures).
+pub fn output_steps(c: &lapq::Calibrated) -> Vec<f32> {
+    let graph = c.model.graph.as_ref().unwrap();
+    graph
+        .output
+        .iter()
+        .map(|o| {
+            let site = c
+                .plan
+                .activations
+                .iter()
+                .position(|a| a.tensor == o.name())
+                .expect("output is quantized");
+            c.params.activations[site].scale[0]
+        })
+        .collect()
+}
+
+/// Asserts the tie-flip tier.
+pub fn assert_fidelity(what: &str, gaps: &[(f64, f64)]) {
+    for (k, &(differ, worst)) in gaps.iter().enumerate() {
+        assert!(
+            differ <= TIE_FLIPS_MAX_FRACTION && worst <= TIE_FLIP_MAX_STEPS,
+            "{what} output {k}: {:.2}% of values differ from ONNX Runtime, by up to {worst:.3} steps",
+            differ * 100.0
+        );
+    }
+}
+
+#[test]
+fn oracle_matches_onnx_runtime_unfused_on_fixtures() {
+    let dir = tempdir();
+    for name in [
+        "conv_relu",
+        "residual_add",
+        "depthwise_conv",
+        "gemm",
+        "matmul",
+        "concat",
+        "shared_weight",
+        "classifier",
+        "constant_nodes",
+        "unsupported_op",
+    ] {
+        for per_channel in [true, false] {
+            let out = dir.path().join(format!("{name}_{per_channel}.onnx"));
+            let j = job(name, &out, per_channel);
+            lapq::quantize(&j).unwrap();
+            let c = lapq::calibrate(&j).unwrap();
+            let oracle = lapq::oracle(&c, c.samples.clone(), 4).unwrap();
+            let ours = oracle.outputs(&c.params).unwrap();
+            let ort = ort_outputs(&out, &j.data.path, "disabled");
+            assert_fidelity(
+                &format!("{name} per_channel={per_channel}"),
+                &gap(&ours, &ort, &output_steps(&c)),
+            );
+        }
+    }
+}
+
+#[test]
+fn changing_parameters_never_rebuilds() {
+    let dir = tempdir();
+    let j = job("classifier", &dir.path().join("q.onnx"), true);
+    let c = lapq::calibrate(&j).unwrap();
+    let oracle = lapq::oracle(&c, c.samples.clone(), 16).unwrap();
+    let first = oracle.loss(&c.params).unwrap();
+    let built = lapq::oracle::plans_built();
+    let mut coarse = c.params.clone();
+    for p in &mut coarse.activations {
+        p.scale.iter_mut().for_each(|s| *s *= 8.0);
+    }
+    let second = oracle.loss(&coarse).unwrap();
+    let third = oracle.loss(&c.params).unwrap();
+    assert_eq!(
+        lapq::oracle::plans_built(),
+        built,
+        "a parameter change rebuilt the model"
+    );
+    assert!(
+        second > first * 2.0,
+        "coarser scales must cost more: {first} vs {second}"
+    );
+    assert_eq!(first, third, "the same parameters give the same loss");
+    assert!(first > 0.0 && first < 0.01, "minmax W8A8 loss {first}");
+}
