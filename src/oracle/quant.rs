@@ -182,6 +182,9 @@ type Plan = Arc<TypedRunnableModel>;
 /// Outputs of one sample: per model output, its shape and values.
 pub type SampleOutputs = Vec<(Vec<usize>, Vec<f32>)>;
 
+/// A batch's index and the outputs of its samples.
+type GroupOutputs = (usize, Vec<SampleOutputs>);
+
 /// The quantized network, built once.
 pub struct QuantModel {
     template: InferenceModel,
@@ -312,11 +315,11 @@ impl QuantModel {
             .unwrap_or(1)
             .min(groups.len())
             .max(1);
-        let results: Vec<Result<Vec<(usize, Vec<SampleOutputs>)>>> = std::thread::scope(|scope| {
+        let results: Vec<Result<Vec<GroupOutputs>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..workers)
                 .map(|w| {
                     let groups = &groups;
-                    scope.spawn(move || -> Result<Vec<(usize, Vec<SampleOutputs>)>> {
+                    scope.spawn(move || -> Result<Vec<GroupOutputs>> {
                         groups
                             .iter()
                             .enumerate()
@@ -335,7 +338,7 @@ impl QuantModel {
                 })
                 .collect()
         });
-        let mut by_group: Vec<(usize, Vec<SampleOutputs>)> = vec![];
+        let mut by_group: Vec<GroupOutputs> = vec![];
         for r in results {
             by_group.extend(r?);
         }
