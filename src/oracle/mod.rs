@@ -17,35 +17,21 @@ type Plan = Arc<TypedRunnableModel>;
 
 /// The float model loaded once, with chosen tensors ("taps") exposed as outputs.
 pub struct FloatModel {
-    template: InferenceModel,
+    plans: Plans,
     /// Per tap: `Ok(output index)` in the runnable model, or `Err(input index)` for a model input.
     taps: Vec<std::result::Result<usize, usize>>,
-    /// Optimized plans by input shapes (a symbolic batch or size gets a plan per concrete shape).
-    plans: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
 }
 
 impl FloatModel {
     /// Loads ONNX `model_bytes` and exposes `taps` (ONNX tensor names) before tract optimizes any wire
     /// away. Stale or symbolic `value_info` and output shapes are ignored.
     pub fn load(model_bytes: &[u8], taps: &[String]) -> Result<FloatModel> {
-        let mut model = tract_onnx::onnx()
-            .with_ignore_output_shapes(true)
-            .with_ignore_value_info(true)
-            .model_for_read(&mut &model_bytes[..])
-            .map_err(|e| anyhow!("tract cannot load the model: {e:#}"))?;
+        let mut model = load_onnx(model_bytes)?;
         let inputs = model.input_outlets()?.to_vec();
         let mut outlets = vec![];
         let mut tap_ix = vec![];
         for name in taps {
-            let outlet = model
-                .find_outlet_label(name)
-                .or_else(|| {
-                    model
-                        .node_by_name(name)
-                        .ok()
-                        .map(|n| OutletId::new(n.id, 0))
-                })
-                .with_context(|| format!("tensor '{name}' cannot be found in tract's graph"))?;
+            let outlet = find_outlet(&model, name)?;
             match inputs.iter().position(|&i| i == outlet) {
                 Some(k) => tap_ix.push(Err(k)),
                 None => {
@@ -59,37 +45,9 @@ impl FloatModel {
             model.set_output_fact(k, InferenceFact::default())?;
         }
         Ok(FloatModel {
-            template: model,
+            plans: Plans::new(model),
             taps: tap_ix,
-            plans: Mutex::new(HashMap::new()),
         })
-    }
-
-    fn plan_for(&self, sample: &Sample) -> Result<Plan> {
-        let key: Vec<Vec<usize>> = sample.inputs.iter().map(|t| t.dims.clone()).collect();
-        let mut plans = self
-            .plans
-            .lock()
-            .map_err(|_| anyhow!("a worker panicked"))?;
-        if let Some(p) = plans.get(&key) {
-            return Ok(p.clone());
-        }
-        let mut model = self.template.clone();
-        for (k, t) in sample.inputs.iter().enumerate() {
-            let dt = match t.values {
-                Values::F32(_) => f32::datum_type(),
-                Values::I64(_) => i64::datum_type(),
-            };
-            model.set_input_fact(k, InferenceFact::dt_shape(dt, &t.dims))?;
-        }
-        let plan = model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| {
-                anyhow!("tract cannot optimize the model for input shapes {key:?}: {e:#}")
-            })?;
-        plans.insert(key, plan.clone());
-        Ok(plan)
     }
 
     /// Runs every sample, on all cores, and calls `visit(acc, tap, dims, values)` for every float tap.
@@ -145,7 +103,7 @@ impl FloatModel {
         acc: &mut A,
         visit: &(impl Fn(&mut A, usize, &[usize], &[f32]) + Sync),
     ) -> Result<()> {
-        let plan = self.plan_for(sample)?;
+        let plan = self.plans.get(&input_facts(sample))?;
         let inputs: TVec<TValue> = sample
             .inputs
             .iter()
@@ -169,6 +127,83 @@ impl FloatModel {
             }
         }
         Ok(())
+    }
+}
+
+/// The concrete shape and element type of each input of a sample.
+fn input_facts(sample: &Sample) -> Vec<(Vec<usize>, DatumType)> {
+    sample
+        .inputs
+        .iter()
+        .map(|t| {
+            let dt = match t.values {
+                Values::F32(_) => f32::datum_type(),
+                Values::I64(_) => i64::datum_type(),
+            };
+            (t.dims.clone(), dt)
+        })
+        .collect()
+}
+
+/// Parses ONNX bytes with tract, ignoring stale or symbolic `value_info` and output shapes.
+fn load_onnx(model_bytes: &[u8]) -> Result<InferenceModel> {
+    tract_onnx::onnx()
+        .with_ignore_output_shapes(true)
+        .with_ignore_value_info(true)
+        .model_for_read(&mut &model_bytes[..])
+        .map_err(|e| anyhow!("tract cannot load the model: {e:#}"))
+}
+
+/// The outlet of an ONNX tensor: a node output's label, or a source or constant's node name.
+fn find_outlet(model: &InferenceModel, name: &str) -> Result<OutletId> {
+    model
+        .find_outlet_label(name)
+        .or_else(|| {
+            model
+                .node_by_name(name)
+                .ok()
+                .map(|n| OutletId::new(n.id, 0))
+        })
+        .with_context(|| format!("tensor '{name}' cannot be found in tract's graph"))
+}
+
+/// A model prepared once, and its optimized plans by concrete input shapes (a symbolic batch or size
+/// gets one plan per shape seen).
+struct Plans {
+    template: InferenceModel,
+    cache: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
+}
+
+impl Plans {
+    fn new(template: InferenceModel) -> Plans {
+        Plans {
+            template,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, inputs: &[(Vec<usize>, DatumType)]) -> Result<Plan> {
+        let key: Vec<Vec<usize>> = inputs.iter().map(|(d, _)| d.clone()).collect();
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| anyhow!("a worker panicked"))?;
+        if let Some(p) = cache.get(&key) {
+            return Ok(p.clone());
+        }
+        let mut model = self.template.clone();
+        for (k, (dims, dt)) in inputs.iter().enumerate() {
+            model.set_input_fact(k, InferenceFact::dt_shape(*dt, dims))?;
+        }
+        let plan = model
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| {
+                anyhow!("tract cannot optimize the model for input shapes {key:?}: {e:#}")
+            })?;
+        quant::count_build();
+        cache.insert(key, plan.clone());
+        Ok(plan)
     }
 }
 

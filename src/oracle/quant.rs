@@ -2,9 +2,8 @@
 //! quantized tensor, reading its parameters from a table shared with the caller. Changing parameters
 //! writes the table; it never rebuilds or re-optimizes the model.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tract_onnx::prelude::*;
@@ -15,6 +14,7 @@ use tract_onnx::tract_hir::internal::{
 use tract_onnx::tract_hir::tract_core::ops::EvalOp;
 use tract_onnx::tract_hir::tract_core::{as_op, not_out_of_plan, op_as_typed_op};
 
+use super::{Plans, find_outlet, load_onnx};
 use crate::calib::{self, Params};
 use crate::data::{Sample, Values};
 
@@ -25,6 +25,10 @@ pub fn plans_built() -> usize {
 }
 
 static BUILDS: AtomicUsize = AtomicUsize::new(0);
+
+pub(super) fn count_build() {
+    BUILDS.fetch_add(1, Ordering::SeqCst);
+}
 
 /// A bias fake-quantized as ONNX Runtime dequantizes it: int32, scale = input scale x weight scale.
 #[derive(Clone, Debug, PartialEq)]
@@ -177,8 +181,6 @@ impl Expansion for FakeQuantExpansion {
     }
 }
 
-type Plan = Arc<TypedRunnableModel>;
-
 /// Outputs of one sample: per model output, its shape and values.
 pub type SampleOutputs = Vec<(Vec<usize>, Vec<f32>)>;
 
@@ -187,19 +189,14 @@ type GroupOutputs = (usize, Vec<SampleOutputs>);
 
 /// The quantized network, built once.
 pub struct QuantModel {
-    template: InferenceModel,
+    plans: Plans,
     table: Arc<Table>,
-    plans: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
 }
 
 impl QuantModel {
     /// Loads the float ONNX model and inserts fake quantization at every site.
     pub fn load(model_bytes: &[u8], sites: &Sites) -> Result<QuantModel> {
-        let mut model = tract_onnx::onnx()
-            .with_ignore_output_shapes(true)
-            .with_ignore_value_info(true)
-            .model_for_read(&mut &model_bytes[..])
-            .map_err(|e| anyhow!("tract cannot load the model: {e:#}"))?;
+        let mut model = load_onnx(model_bytes)?;
         let table = Arc::new(Table {
             enabled: AtomicBool::new(true),
             activations: sites.activations.len(),
@@ -254,9 +251,8 @@ impl QuantModel {
             model.set_output_fact(k, InferenceFact::default())?;
         }
         Ok(QuantModel {
-            template: model,
+            plans: Plans::new(model),
             table,
-            plans: Mutex::new(HashMap::new()),
         })
     }
 
@@ -279,31 +275,6 @@ impl QuantModel {
     /// With `false`, every fake quantization passes its input through: the float network.
     pub fn set_quantized(&self, on: bool) {
         self.table.enabled.store(on, Ordering::SeqCst);
-    }
-
-    fn plan_for(&self, dims: Vec<Vec<usize>>, dts: &[DatumType]) -> Result<Plan> {
-        let mut plans = self
-            .plans
-            .lock()
-            .map_err(|_| anyhow!("a worker panicked"))?;
-        if let Some(p) = plans.get(&dims) {
-            return Ok(p.clone());
-        }
-        let mut model = self.template.clone();
-        for (k, (d, dt)) in dims.iter().zip(dts).enumerate() {
-            model.set_input_fact(k, InferenceFact::dt_shape(*dt, d))?;
-        }
-        let plan = model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| {
-                anyhow!(
-                    "tract cannot optimize the quantized model for input shapes {dims:?}: {e:#}"
-                )
-            })?;
-        BUILDS.fetch_add(1, Ordering::SeqCst);
-        plans.insert(dims, plan.clone());
-        Ok(plan)
     }
 
     /// Runs every sample (grouped in batches of up to `batch` along axis 0, on all cores) and returns
@@ -387,7 +358,8 @@ impl QuantModel {
             dims.push(d);
             inputs.push(tensor.into());
         }
-        let plan = self.plan_for(dims, &dts)?;
+        let facts: Vec<(Vec<usize>, DatumType)> = dims.into_iter().zip(dts).collect();
+        let plan = self.plans.get(&facts)?;
         let outputs = plan
             .run(inputs)
             .map_err(|e| anyhow!("running the quantized model: {e:#}"))?;
@@ -418,18 +390,6 @@ impl QuantModel {
         }
         Ok(per_sample)
     }
-}
-
-fn find_outlet(model: &InferenceModel, name: &str) -> Result<OutletId> {
-    model
-        .find_outlet_label(name)
-        .or_else(|| {
-            model
-                .node_by_name(name)
-                .ok()
-                .map(|n| OutletId::new(n.id, 0))
-        })
-        .with_context(|| format!("tensor '{name}' cannot be found in tract's graph"))
 }
 
 /// Consecutive samples with equal input shapes (beyond axis 0), at most `batch` per group.

@@ -1,0 +1,162 @@
+//! Oracle speed on EfficientNet-Lite0 (64 calibration crops), against baselines measured in the same
+//! run: tract's float forward pass and ONNX Runtime's. Run with `scripts/bench-oracle`.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Instant;
+
+use lapq::config::{DataConfig, ImageConfig, Job, QuantConfig};
+
+const IMAGES: usize = 64;
+const REPEATS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let model = root.join("work/effnet/efficientnet_lite0.onnx");
+    let calib = root.join("work/crops/calib.npz");
+    anyhow::ensure!(
+        model.is_file() && calib.is_file(),
+        "run scripts/test first (it fetches the model and crops)"
+    );
+    let dir = tempfile::tempdir()?;
+    let job = Job {
+        model: model.clone(),
+        output: dir.path().join("q.onnx"),
+        quant: QuantConfig::default(),
+        data: DataConfig {
+            path: calib.clone(),
+            max_samples: Some(IMAGES),
+            seed: 0,
+            image: ImageConfig::default(),
+        },
+        progress: false,
+    };
+    let c = lapq::calibrate(&job)?;
+    let n = c.samples.len() as f64;
+
+    let float = lapq::oracle::FloatModel::load(
+        &lapq::onnx::encode_model(&c.model),
+        &["logits".to_string()],
+    )?;
+    let _warm = float.observe(&c.samples[..2], || (), |_, _, _, _| (), &|| ())?;
+    let tract_float = median(
+        (0..REPEATS)
+            .map(|_| {
+                let t = Instant::now();
+                float
+                    .observe(&c.samples, || (), |_, _, _, _| (), &|| ())
+                    .map(|_| t.elapsed().as_secs_f64() * 1e3 / n)
+            })
+            .collect::<anyhow::Result<_>>()?,
+    );
+
+    let t = Instant::now();
+    let oracle = lapq::oracle(&c, c.samples.clone(), 8)?;
+    let build_ms = t.elapsed().as_secs_f64() * 1e3;
+    let builds = lapq::oracle::plans_built();
+    let full = median(
+        (0..REPEATS)
+            .map(|_| {
+                let t = Instant::now();
+                oracle
+                    .loss(&c.params)
+                    .map(|_| t.elapsed().as_secs_f64() * 1e3 / n)
+            })
+            .collect::<anyhow::Result<_>>()?,
+    );
+    let sites: Vec<usize> = (0..c.plan.activations.len()).step_by(6).collect();
+    let mut single = vec![];
+    for &s in &sites {
+        let mut p = c.params.clone();
+        p.activations[s].scale[0] *= 1.1;
+        let t = Instant::now();
+        oracle.loss(&p)?;
+        single.push(t.elapsed().as_secs_f64() * 1e3 / n);
+    }
+    let single = single.iter().sum::<f64>() / single.len() as f64;
+    assert_eq!(
+        lapq::oracle::plans_built(),
+        builds,
+        "a parameter change rebuilt the model"
+    );
+
+    let subset = dir.path().join("subset.npz");
+    let py = root.join(".venv/bin/python");
+    let ort = Command::new(&py)
+        .args(["-c", ORT_TIMING])
+        .args([&model, &calib, &subset])
+        .arg(IMAGES.to_string())
+        .output()?;
+    anyhow::ensure!(
+        ort.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ort.stderr)
+    );
+    let ort = String::from_utf8(ort.stdout)?;
+    let ort: Vec<f64> = ort
+        .split_whitespace()
+        .map(|v| v.parse())
+        .collect::<Result<_, _>>()?;
+
+    println!(
+        "EfficientNet-Lite0, {} images, 2 cores; ms per image (median of {REPEATS})",
+        c.samples.len()
+    );
+    println!("{:<52} {:>8} {:>10}", "", "ms/img", "vs tract");
+    println!(
+        "{:<52} {:>8.2} {:>10.2}",
+        "tract float forward (batch 1, 2 threads)", tract_float, 1.0
+    );
+    println!(
+        "{:<52} {:>8.2} {:>10.2}",
+        "oracle full evaluation (batch 8, 2 threads)",
+        full,
+        full / tract_float
+    );
+    println!(
+        "{:<52} {:>8.2} {:>10.2}",
+        format!("oracle after a single-site change ({} sites)", sites.len()),
+        single,
+        single / tract_float
+    );
+    println!(
+        "{:<52} {:>8.2} {:>10.2}",
+        "ONNX Runtime float forward (batch 1, 1 thread)",
+        ort[0],
+        ort[0] / tract_float
+    );
+    println!(
+        "{:<52} {:>8.2} {:>10.2}",
+        "ONNX Runtime float forward (batch 1, default threads)",
+        ort[1],
+        ort[1] / tract_float
+    );
+    println!(
+        "oracle build (once, includes the float reference pass): {build_ms:.0} ms; plans built: {builds}"
+    );
+    Ok(())
+}
+
+const ORT_TIMING: &str = r#"
+import sys, time, numpy as np, onnxruntime as ort
+model, calib, subset, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+x = np.load(calib)["input"][:n]
+out = []
+for threads in (1, 0):
+    so = ort.SessionOptions(); so.intra_op_num_threads = threads
+    s = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    s.run(None, {"input": x[:1]})
+    best = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for i in range(n):
+            s.run(None, {"input": x[i:i + 1]})
+        best.append((time.perf_counter() - t) * 1e3 / n)
+    out.append(sorted(best)[1])
+print(*out)
+"#;
