@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Run a model in ONNX Runtime (CPU, one sample at a time) on every sample of a .npz and save its outputs.
+"""Check a model with onnx.checker (full check), run it in ONNX Runtime (CPU, one sample at a time) on
+every sample of a .npz and save its outputs.
 
 usage: ort_outputs.py --model M.onnx --data D.npz --out O.npz [--level disabled|all]
 
@@ -10,6 +11,7 @@ samples concatenated along axis 0.
 import argparse
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 
@@ -20,6 +22,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--level", choices=["disabled", "all"], default="disabled")
     a = ap.parse_args()
+    onnx.checker.check_model(a.model, full_check=True)
     so = ort.SessionOptions()
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if a.level == "disabled"
                                    else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)

@@ -72,6 +72,12 @@ pub struct PlanArgs {
     /// One scale per weight tensor instead of one per output channel.
     #[arg(long)]
     pub per_tensor: bool,
+    /// Weight bit width, 2 to 8 (below 8: values on the narrower grid, stored in int8).
+    #[arg(long, default_value_t = 8, value_name = "BITS")]
+    pub wbits: u8,
+    /// Activation bit width, 2 to 8 (below 8: uint8 with a Clip before each QuantizeLinear).
+    #[arg(long, default_value_t = 8, value_name = "BITS")]
+    pub abits: u8,
     /// Keep these nodes (by name) in float.
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
     pub exclude_nodes: Vec<String>,
@@ -131,6 +137,8 @@ impl PlanArgs {
         QuantConfig {
             method,
             per_channel: !self.per_tensor,
+            weight_bits: self.wbits,
+            act_bits: self.abits,
             exclude_nodes: self.exclude_nodes.clone(),
             exclude_op_types: self.exclude_op_types.clone(),
             float_first_layer: self.float_first_layer,

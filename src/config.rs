@@ -20,6 +20,11 @@ pub struct QuantConfig {
     pub method: Method,
     /// Per-channel weight parameters (otherwise one scale per weight tensor).
     pub per_channel: bool,
+    /// Weight bit width (2 to 8): signed symmetric codes in [-(2^(b-1) - 1), 2^(b-1) - 1].
+    pub weight_bits: u8,
+    /// Activation bit width (2 to 8): unsigned asymmetric codes in [0, 2^b - 1]. Below 8 bits the
+    /// export stores them in uint8 with a Clip before QuantizeLinear.
+    pub act_bits: u8,
     /// Node names to keep in float.
     pub exclude_nodes: Vec<String>,
     /// Operator types to keep in float.
@@ -35,6 +40,8 @@ impl Default for QuantConfig {
         QuantConfig {
             method: Method::MinMax,
             per_channel: true,
+            weight_bits: 8,
+            act_bits: 8,
             exclude_nodes: vec![],
             exclude_op_types: vec![],
             float_first_layer: false,

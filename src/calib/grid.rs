@@ -92,6 +92,29 @@ impl Grid {
     pub fn fake_quant(&self, x: f32, scale: f32, zero_point: i64) -> f32 {
         (self.quantize(x, scale, zero_point) - zero_point) as f32 * scale
     }
+
+    /// `fake_quant` of every value in place, in a form the compiler vectorizes: identical results for
+    /// finite inputs (NaN becomes the grid's lowest value).
+    pub fn fake_quant_slice(&self, data: &mut [f32], scale: f32, zero_point: i64) {
+        // Adding and subtracting 1.5 * 2^23 rounds half to even for |v| < 2^22; the codes lie far inside.
+        const MAGIC: f32 = 12_582_912.0;
+        let lo = (self.qmin() - zero_point) as f32;
+        let hi = (self.qmax() - zero_point) as f32;
+        for x in data.iter_mut() {
+            let v = *x / scale;
+            let v = if v >= lo - 1.0 { v } else { lo - 1.0 };
+            let v = if v <= hi + 1.0 { v } else { hi + 1.0 };
+            let r = (v + MAGIC) - MAGIC;
+            let r = if r < lo {
+                lo
+            } else if r > hi {
+                hi
+            } else {
+                r
+            };
+            *x = r * scale;
+        }
+    }
 }
 
 /// Parameters of one quantized tensor: a scale and zero point per tensor, or per slice along `axis`.
@@ -283,6 +306,18 @@ mod tests {
         }
 
         #[test]
+        fn vectorized_fake_quant_equals_the_definition(
+            grid in grids(), lo in -50f32..0.0, hi in 0.1f32..50.0,
+            xs in prop::collection::vec(-200f32..200.0, 1..64),
+        ) {
+            let (s, z) = grid.params_for_range(lo, hi).unwrap();
+            let mut fast = xs.clone();
+            grid.fake_quant_slice(&mut fast, s, z);
+            let slow: Vec<f32> = xs.iter().map(|&x| grid.fake_quant(x, s, z)).collect();
+            prop_assert_eq!(fast, slow);
+        }
+
+        #[test]
         fn per_channel_equals_per_tensor_on_equal_channels(values in prop::collection::vec(-5f32..5.0, 12)) {
             let channels = 3;
             let data: Vec<f32> = (0..channels).flat_map(|_| values.iter().copied()).collect();
@@ -328,6 +363,9 @@ mod tests {
         let g = Grid::U8_ASYM;
         assert_eq!(g.quantize(2.5, 1.0, 0), 2);
         assert_eq!(g.quantize(3.5, 1.0, 0), 4);
+        let mut v = [2.5, 3.5, -0.5, 254.5, 300.0, -7.0];
+        g.fake_quant_slice(&mut v, 1.0, 0);
+        assert_eq!(v, [2.0, 4.0, 0.0, 254.0, 255.0, 0.0]);
     }
 
     #[test]

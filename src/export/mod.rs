@@ -144,22 +144,46 @@ pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Resul
             input_rename.insert(t.clone(), dq_out.clone());
             (t.clone(), dq_out)
         };
-        let pair = vec![
-            qdq_node(
-                "QuantizeLinear",
-                &names.fresh(&format!("{t}_QuantizeLinear")),
-                [&q_in, &scale, &zp],
-                &q_out,
-                None,
-            ),
-            qdq_node(
-                "DequantizeLinear",
-                &names.fresh(&format!("{t}_DequantizeLinear")),
-                [&q_out, &scale, &zp],
-                &dq_out,
-                None,
-            ),
-        ];
+        let mut pair = vec![];
+        // A grid narrower than its 8-bit container: clip first, so QuantizeLinear's saturation lands
+        // on the narrow grid's ends.
+        let q_in = if p.grid.bits < 8 {
+            let (lo, hi) = (
+                (p.grid.qmin() - p.zero_point[0]) as f32 * p.scale[0],
+                (p.grid.qmax() - p.zero_point[0]) as f32 * p.scale[0],
+            );
+            let (lo_name, hi_name) = (
+                names.fresh(&format!("{t}_clip_min")),
+                names.fresh(&format!("{t}_clip_max")),
+            );
+            new_inits.push(make_tensor(&lo_name, &[], TensorData::F32(vec![lo])));
+            new_inits.push(make_tensor(&hi_name, &[], TensorData::F32(vec![hi])));
+            let clipped = names.fresh(&format!("{t}_Clip_Output"));
+            pair.push(NodeProto {
+                op_type: Some("Clip".into()),
+                name: Some(names.fresh(&format!("{t}_Clip"))),
+                input: vec![q_in, lo_name, hi_name],
+                output: vec![clipped.clone()],
+                ..Default::default()
+            });
+            clipped
+        } else {
+            q_in
+        };
+        pair.push(qdq_node(
+            "QuantizeLinear",
+            &names.fresh(&format!("{t}_QuantizeLinear")),
+            [&q_in, &scale, &zp],
+            &q_out,
+            None,
+        ));
+        pair.push(qdq_node(
+            "DequantizeLinear",
+            &names.fresh(&format!("{t}_DequantizeLinear")),
+            [&q_out, &scale, &zp],
+            &dq_out,
+            None,
+        ));
         if index.producer(t).is_some() {
             after.entry(t.clone()).or_default().extend(pair);
         } else {

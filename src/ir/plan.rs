@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
-use anyhow::{Result, bail};
+use anyhow::{Result, bail, ensure};
 use serde::Serialize;
 
 use super::index::GraphIndex;
@@ -198,6 +198,15 @@ const QUANTIZED_OPS: &[&str] = &[
 /// Plans the quantization of the indexed graph. Refuses models that are already quantized.
 pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
     let graph = index.graph;
+    for (flag, bits) in [
+        ("--wbits", config.weight_bits),
+        ("--abits", config.act_bits),
+    ] {
+        ensure!(
+            (2..=8).contains(&bits),
+            "{flag} {bits}: supported widths are 2 to 8 bits"
+        );
+    }
     if let Some(node) = graph
         .node
         .iter()
@@ -289,6 +298,24 @@ struct WeightUse {
 }
 
 impl Planner<'_, '_> {
+    /// Signed symmetric weights (narrow range) of the configured width.
+    fn weight_grid(&self) -> Grid {
+        Grid {
+            bits: self.config.weight_bits,
+            signed: true,
+            symmetric: true,
+        }
+    }
+
+    /// Unsigned asymmetric activations of the configured width.
+    fn act_grid(&self) -> Grid {
+        Grid {
+            bits: self.config.act_bits,
+            signed: false,
+            symmetric: false,
+        }
+    }
+
     fn node(&mut self, i: usize) -> Result<Decision> {
         let node = self.index.node(i);
         let Some(class) = policy::op_class(node) else {
@@ -382,7 +409,7 @@ impl Planner<'_, '_> {
         let weight = WeightUse {
             tensor: w.into(),
             axis: per_channel.then_some(axis),
-            grid: Grid::I8_SYM,
+            grid: self.weight_grid(),
         };
         if let Some(reason) = self.weight_conflict(&weight) {
             return Ok(Decision::Float(reason));
@@ -426,13 +453,13 @@ impl Planner<'_, '_> {
                     weights.push(WeightUse {
                         tensor: t.clone(),
                         axis,
-                        grid: Grid::I8_SYM,
+                        grid: self.weight_grid(),
                     });
                 }
                 Some(_) => weights.push(WeightUse {
                     tensor: t.clone(),
                     axis: None,
-                    grid: Grid::U8_ASYM,
+                    grid: self.act_grid(),
                 }),
                 None => acts.push(t.as_str()),
             }
@@ -514,16 +541,18 @@ impl Planner<'_, '_> {
                 Some((lo, hi)) => RangeSource::Fixed(lo, hi),
                 None => RangeSource::Observed(out.clone()),
             };
-            self.push_activation(out, range, Grid::U8_ASYM);
+            self.push_activation(out, range, self.act_grid());
         }
     }
 
     fn activation_site(&mut self, tensor: &str) -> usize {
         match self.act.get(tensor) {
             Some(&s) => s,
-            None => {
-                self.push_activation(tensor, RangeSource::Observed(tensor.into()), Grid::U8_ASYM)
-            }
+            None => self.push_activation(
+                tensor,
+                RangeSource::Observed(tensor.into()),
+                self.act_grid(),
+            ),
         }
     }
 

@@ -15,12 +15,14 @@ const TIE_FLIPS_MAX_FRACTION: f64 = 0.05;
 /// ...and none by more than one output step (plus float slack).
 const TIE_FLIP_MAX_STEPS: f64 = 1.001;
 
-fn job(name: &str, out: &Path, per_channel: bool) -> Job {
+fn job(name: &str, out: &Path, per_channel: bool, weight_bits: u8, act_bits: u8) -> Job {
     Job {
         model: fixture(name).join("model.onnx"),
         output: out.to_path_buf(),
         quant: QuantConfig {
             per_channel,
+            weight_bits,
+            act_bits,
             ..Default::default()
         },
         data: DataConfig {
@@ -121,9 +123,17 @@ fn oracle_matches_onnx_runtime_unfused_on_fixtures() {
         "constant_nodes",
         "unsupported_op",
     ] {
-        for per_channel in [true, false] {
-            let out = dir.path().join(format!("{name}_{per_channel}.onnx"));
-            let j = job(name, &out, per_channel);
+        for (per_channel, wbits, abits) in [
+            (true, 8, 8),
+            (false, 8, 8),
+            (true, 4, 8),
+            (true, 4, 4),
+            (false, 4, 4),
+        ] {
+            let out = dir
+                .path()
+                .join(format!("{name}_{per_channel}_w{wbits}a{abits}.onnx"));
+            let j = job(name, &out, per_channel, wbits, abits);
             lapq::quantize(&j).unwrap();
             let c = lapq::calibrate(&j).unwrap();
             let oracle = lapq::oracle(&c, c.samples.clone(), 4).unwrap();
@@ -140,7 +150,7 @@ fn oracle_matches_onnx_runtime_unfused_on_fixtures() {
 #[test]
 fn changing_parameters_never_rebuilds() {
     let dir = tempdir();
-    let j = job("classifier", &dir.path().join("q.onnx"), true);
+    let j = job("classifier", &dir.path().join("q.onnx"), true, 8, 8);
     let c = lapq::calibrate(&j).unwrap();
     let oracle = lapq::oracle(&c, c.samples.clone(), 16).unwrap();
     let first = oracle.loss(&c.params).unwrap();
