@@ -56,7 +56,11 @@ fn main() -> anyhow::Result<()> {
     );
 
     let t = Instant::now();
-    let oracle = lapq::oracle(&c, c.samples.clone(), 8)?;
+    let batch: usize = std::env::var("LAPQ_BENCH_BATCH")
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(8);
+    let oracle = lapq::oracle(&c, c.samples.clone(), batch)?;
     let build_ms = t.elapsed().as_secs_f64() * 1e3;
     let builds = lapq::oracle::plans_built();
     let full = median(
@@ -69,6 +73,18 @@ fn main() -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?,
     );
+    oracle.model().set_quantized(false);
+    let passthrough = median(
+        (0..REPEATS)
+            .map(|_| {
+                let t = Instant::now();
+                oracle
+                    .loss(&c.params)
+                    .map(|_| t.elapsed().as_secs_f64() * 1e3 / n)
+            })
+            .collect::<anyhow::Result<_>>()?,
+    );
+    oracle.model().set_quantized(true);
     let sites: Vec<usize> = (0..c.plan.activations.len()).step_by(6).collect();
     let mut single = vec![];
     for &s in &sites {
@@ -114,9 +130,15 @@ fn main() -> anyhow::Result<()> {
     );
     println!(
         "{:<52} {:>8.2} {:>10.2}",
-        "oracle full evaluation (batch 8, 2 threads)",
+        format!("oracle full evaluation (batch {batch}, 2 threads)"),
         full,
         full / tract_float
+    );
+    println!(
+        "{:<52} {:>8.2} {:>10.2}",
+        "  of which fake quantization (the rest: same pass off)",
+        full - passthrough,
+        (full - passthrough) / tract_float
     );
     println!(
         "{:<52} {:>8.2} {:>10.2}",

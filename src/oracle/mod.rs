@@ -261,6 +261,11 @@ impl Oracle {
         })
     }
 
+    /// The quantized network (e.g. to switch fake quantization off for a timing baseline).
+    pub fn model(&self) -> &QuantModel {
+        &self.model
+    }
+
     /// Which loss this oracle computes.
     pub fn kind(&self) -> crate::calib::LossKind {
         self.kind
