@@ -3,7 +3,7 @@
 
 mod quant;
 
-pub use quant::{BiasSite, QuantModel, SampleOutputs, Sites, plans_built};
+pub use quant::{BiasSite, QuantModel, SampleOutputs, Sites, Tail, plans_built};
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -284,8 +284,27 @@ impl Oracle {
 
     /// The mean loss over the samples with `params`.
     pub fn loss(&self, params: &crate::calib::Params) -> Result<f64> {
-        use crate::calib::{LossKind, cross_entropy, kl_softmax, mse};
         let outputs = self.outputs(params)?;
+        Ok(self.loss_of(&outputs))
+    }
+
+    /// Prepares cheap evaluations of parameters that differ from `params` at `slot` only (activation
+    /// sites first, then weights, then biases): the network upstream of the site runs once, now.
+    pub fn focus(&self, slot: usize, params: &crate::calib::Params) -> Result<quant::Tail> {
+        self.model.set_params(params)?;
+        self.model.tail(slot, &self.samples, self.batch)
+    }
+
+    /// The loss with `params`, which must equal the parameters `tail` was prepared with everywhere but
+    /// at its site; runs only the network downstream of the site.
+    pub fn loss_in(&self, tail: &quant::Tail, params: &crate::calib::Params) -> Result<f64> {
+        self.model.set_params(params)?;
+        let outputs = self.model.run_tail(tail)?;
+        Ok(self.loss_of(&outputs))
+    }
+
+    fn loss_of(&self, outputs: &[SampleOutputs]) -> f64 {
+        use crate::calib::{LossKind, cross_entropy, kl_softmax, mse};
         let mut total = 0.0;
         let mut rows = 0usize;
         for (s, (q, f)) in outputs.iter().zip(&self.reference).enumerate() {
@@ -308,7 +327,7 @@ impl Oracle {
                 }
             }
         }
-        Ok(total / rows.max(1) as f64)
+        total / rows.max(1) as f64
     }
 }
 

@@ -2,6 +2,7 @@
 //! quantized tensor, reading its parameters from a table shared with the caller. Changing parameters
 //! writes the table; it never rebuilds or re-optimizes the model.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -184,13 +185,12 @@ impl Expansion for FakeQuantExpansion {
 /// Outputs of one sample: per model output, its shape and values.
 pub type SampleOutputs = Vec<(Vec<usize>, Vec<f32>)>;
 
-/// A batch's index and the outputs of its samples.
-type GroupOutputs = (usize, Vec<SampleOutputs>);
-
 /// The quantized network, built once.
 pub struct QuantModel {
     plans: Plans,
     table: Arc<Table>,
+    /// The fake-quantization node of each slot in the prepared model.
+    fq_nodes: Vec<usize>,
 }
 
 impl QuantModel {
@@ -210,6 +210,7 @@ impl QuantModel {
                 table: table.clone(),
             }))
         };
+        let mut fq_nodes = vec![];
         for (slot, name) in sites.activations.iter().chain(&sites.weights).enumerate() {
             let outlet = find_outlet(&model, name)?;
             let successors = model.outlet_successors(outlet).to_vec();
@@ -218,6 +219,7 @@ impl QuantModel {
                 op(slot),
                 tvec!(InferenceFact::default()),
             )?;
+            fq_nodes.push(fq);
             model.add_edge(outlet, InletId::new(fq, 0))?;
             for inlet in successors {
                 model.add_edge(OutletId::new(fq, 0), inlet)?;
@@ -244,6 +246,7 @@ impl QuantModel {
                 op(first_bias + k),
                 tvec!(InferenceFact::default()),
             )?;
+            fq_nodes.push(fq);
             model.add_edge(source, InletId::new(fq, 0))?;
             model.add_edge(OutletId::new(fq, 0), InletId::new(node, b.slot))?;
         }
@@ -253,6 +256,7 @@ impl QuantModel {
         Ok(QuantModel {
             plans: Plans::new(model),
             table,
+            fq_nodes,
         })
     }
 
@@ -281,115 +285,256 @@ impl QuantModel {
     /// each sample's outputs in order.
     pub fn run(&self, samples: &[Sample], batch: usize) -> Result<Vec<SampleOutputs>> {
         let groups = batches(samples, batch.max(1));
-        let workers = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(groups.len())
-            .max(1);
-        let results: Vec<Result<Vec<GroupOutputs>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..workers)
-                .map(|w| {
-                    let groups = &groups;
-                    scope.spawn(move || -> Result<Vec<GroupOutputs>> {
-                        groups
-                            .iter()
-                            .enumerate()
-                            .skip(w)
-                            .step_by(workers)
-                            .map(|(g, range)| Ok((g, self.run_batch(&samples[range.clone()])?)))
-                            .collect()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|_| Err(anyhow!("an oracle worker panicked")))
-                })
-                .collect()
-        });
-        let mut by_group: Vec<GroupOutputs> = vec![];
-        for r in results {
-            by_group.extend(r?);
-        }
-        by_group.sort_by_key(|(g, _)| *g);
-        Ok(by_group.into_iter().flat_map(|(_, o)| o).collect())
+        let per_group = par_map(&groups, |range| {
+            let (facts, inputs, rows) = batch_inputs(&samples[range.clone()])?;
+            let plan = self.plans.get(&facts)?;
+            let outputs = plan
+                .run(inputs)
+                .map_err(|e| anyhow!("running the quantized model: {e:#}"))?;
+            split_rows(outputs, &rows)
+        })?;
+        Ok(per_group.into_iter().flatten().collect())
     }
 
-    fn run_batch(&self, samples: &[Sample]) -> Result<Vec<SampleOutputs>> {
-        let first = &samples[0];
-        let rows: Vec<usize> = samples
-            .iter()
-            .map(|s| s.inputs[0].dims.first().copied().unwrap_or(1))
-            .collect();
-        let mut dims = vec![];
-        let mut dts = vec![];
-        let mut inputs: TVec<TValue> = tvec![];
-        for (k, t) in first.inputs.iter().enumerate() {
-            let mut d = t.dims.clone();
-            if let Some(d0) = d.first_mut() {
-                *d0 = samples
-                    .iter()
-                    .map(|s| s.inputs[k].dims.first().copied().unwrap_or(1))
-                    .sum();
-            }
-            let tensor = match &t.values {
-                Values::F32(_) => {
-                    let v: Vec<f32> = samples
-                        .iter()
-                        .flat_map(|s| s.inputs[k].as_f32().unwrap_or(&[]).iter().copied())
-                        .collect();
-                    dts.push(f32::datum_type());
-                    Tensor::from_shape(&d, &v)?
-                }
-                Values::I64(_) => {
-                    let v: Vec<i64> = samples
-                        .iter()
-                        .flat_map(|s| match &s.inputs[k].values {
-                            Values::I64(v) => v.clone(),
-                            Values::F32(_) => vec![],
-                        })
-                        .collect();
-                    dts.push(i64::datum_type());
-                    Tensor::from_shape(&d, &v)?
-                }
-            };
-            dims.push(d);
-            inputs.push(tensor.into());
+    /// Prepares fast re-evaluation after changes to the parameters of `slot` alone (activation sites
+    /// first, then weights, then biases): runs the network once with the current parameters, keeps the
+    /// values entering the part downstream of the site, and builds that part alone.
+    pub fn tail(&self, slot: usize, samples: &[Sample], batch: usize) -> Result<Tail> {
+        let template = &self.plans.template;
+        let focus = *self.fq_nodes.get(slot).context("no such site")?;
+        let order = template.eval_order()?;
+        let sources: Vec<usize> = template.input_outlets()?.iter().map(|o| o.node).collect();
+        let mut dynamic = vec![false; template.nodes().len()];
+        for &n in &order {
+            dynamic[n] =
+                sources.contains(&n) || template.node(n).inputs.iter().any(|i| dynamic[i.node]);
         }
-        let facts: Vec<(Vec<usize>, DatumType)> = dims.into_iter().zip(dts).collect();
-        let plan = self.plans.get(&facts)?;
-        let outputs = plan
-            .run(inputs)
-            .map_err(|e| anyhow!("running the quantized model: {e:#}"))?;
-        let mut per_sample: Vec<SampleOutputs> = vec![vec![]; samples.len()];
-        for out in outputs {
-            let out = out.cast_to::<f32>()?.into_owned();
-            let view = out.try_as_plain_ram()?;
-            let values = view.as_slice::<f32>()?;
-            let total: usize = rows.iter().sum();
-            let shape = out.shape();
-            let per_row = if shape.first() == Some(&total) && total > 0 {
-                values.len() / total
-            } else {
-                0
-            };
-            let mut at = 0;
-            for (s, &r) in rows.iter().enumerate() {
-                let (sdims, svalues) = if per_row > 0 {
-                    let mut d = shape.to_vec();
-                    d[0] = r;
-                    (d, values[at..at + r * per_row].to_vec())
-                } else {
-                    (shape.to_vec(), values.to_vec())
-                };
-                at += r * per_row;
-                per_sample[s].push((sdims, svalues));
+        let mut downstream = vec![false; template.nodes().len()];
+        downstream[focus] = true;
+        for &n in &order {
+            if template.node(n).inputs.iter().any(|i| downstream[i.node]) {
+                downstream[n] = true;
             }
         }
-        Ok(per_sample)
+        // The tail: everything downstream, plus the constant subgraphs (weights) feeding it.
+        let mut keep = downstream.clone();
+        for &n in order.iter().rev() {
+            if keep[n] {
+                for i in &template.node(n).inputs {
+                    if !dynamic[i.node] {
+                        keep[i.node] = true;
+                    }
+                }
+            }
+        }
+        let outputs = template.output_outlets()?.to_vec();
+        let mut boundary: Vec<OutletId> = vec![];
+        for &n in &order {
+            if keep[n] {
+                for &i in &template.node(n).inputs {
+                    if !keep[i.node] && !boundary.contains(&i) {
+                        boundary.push(i);
+                    }
+                }
+            }
+        }
+        for &o in &outputs {
+            if !keep[o.node] && !boundary.contains(&o) {
+                boundary.push(o);
+            }
+        }
+        let mut tail = InferenceModel::default();
+        let mut map: HashMap<OutletId, OutletId> = HashMap::new();
+        for (k, &o) in boundary.iter().enumerate() {
+            map.insert(
+                o,
+                tail.add_source(format!("lapq.boundary.{k}"), InferenceFact::default())?,
+            );
+        }
+        for &n in order.iter().filter(|&&n| keep[n]) {
+            let node = template.node(n);
+            let facts = node.outputs.iter().map(|o| o.fact.clone()).collect();
+            let id = tail.add_node(node.name.clone(), node.op.clone(), facts)?;
+            for (slot, i) in node.inputs.iter().enumerate() {
+                tail.add_edge(map[i], InletId::new(id, slot))?;
+            }
+            for k in 0..node.outputs.len() {
+                map.insert(OutletId::new(n, k), OutletId::new(id, k));
+            }
+        }
+        tail.select_output_outlets(&outputs.iter().map(|o| map[o]).collect::<Vec<_>>())?;
+        let mut head = template.clone();
+        let mut head_outputs = outputs.clone();
+        head_outputs.extend(&boundary);
+        head.select_output_outlets(&head_outputs)?;
+        for k in 0..head_outputs.len() {
+            head.set_output_fact(k, InferenceFact::default())?;
+        }
+        let head = Plans::new(head);
+        let groups = batches(samples, batch.max(1));
+        let cache = par_map(&groups, |range| {
+            let (facts, inputs, rows) = batch_inputs(&samples[range.clone()])?;
+            let values = head
+                .get(&facts)?
+                .run(inputs)
+                .map_err(|e| anyhow!("running the quantized model: {e:#}"))?;
+            Ok((
+                values
+                    .into_iter()
+                    .skip(outputs.len())
+                    .collect::<TVec<TValue>>(),
+                rows,
+            ))
+        })?;
+        let tail = Tail {
+            plans: Plans::new(tail),
+            cache,
+        };
+        for (values, _) in &tail.cache {
+            tail.plans.get(&value_facts(values))?;
+        }
+        Ok(tail)
     }
+
+    /// Re-evaluates after a change to the tail's site only: runs the cached boundary through the tail.
+    ///
+    /// The result equals `run` as long as no other site's parameters changed since `tail` was built.
+    pub fn run_tail(&self, tail: &Tail) -> Result<Vec<SampleOutputs>> {
+        let per_group = par_map(&tail.cache, |(values, rows)| {
+            let plan = tail.plans.get(&value_facts(values))?;
+            let outputs = plan
+                .run(values.clone())
+                .map_err(|e| anyhow!("running the quantized tail: {e:#}"))?;
+            split_rows(outputs, rows)
+        })?;
+        Ok(per_group.into_iter().flatten().collect())
+    }
+}
+
+/// The network downstream of one site and the values entering it, per batch.
+pub struct Tail {
+    plans: Plans,
+    cache: Vec<(TVec<TValue>, Vec<usize>)>,
+}
+
+/// The concrete shape and element type of an input.
+type InputFact = (Vec<usize>, DatumType);
+
+fn value_facts(values: &[TValue]) -> Vec<InputFact> {
+    values
+        .iter()
+        .map(|v| (v.shape().to_vec(), v.datum_type()))
+        .collect()
+}
+
+/// Maps `f` over `items` on all cores, keeping the order.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> Result<R> + Sync) -> Result<Vec<R>> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(items.len())
+        .max(1);
+    let f = &f;
+    let results: Vec<Result<Vec<(usize, R)>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                scope.spawn(move || -> Result<Vec<(usize, R)>> {
+                    items
+                        .iter()
+                        .enumerate()
+                        .skip(w)
+                        .step_by(workers)
+                        .map(|(i, item)| Ok((i, f(item)?)))
+                        .collect()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("an oracle worker panicked")))
+            })
+            .collect()
+    });
+    let mut all: Vec<(usize, R)> = vec![];
+    for r in results {
+        all.extend(r?);
+    }
+    all.sort_by_key(|(i, _)| *i);
+    Ok(all.into_iter().map(|(_, r)| r).collect())
+}
+
+/// The samples of one batch concatenated along axis 0: input facts, tensors, and each sample's rows.
+fn batch_inputs(samples: &[Sample]) -> Result<(Vec<InputFact>, TVec<TValue>, Vec<usize>)> {
+    let rows: Vec<usize> = samples
+        .iter()
+        .map(|s| s.inputs[0].dims.first().copied().unwrap_or(1))
+        .collect();
+    let mut facts = vec![];
+    let mut inputs: TVec<TValue> = tvec![];
+    for (k, t) in samples[0].inputs.iter().enumerate() {
+        let mut dims = t.dims.clone();
+        if let Some(d0) = dims.first_mut() {
+            *d0 = samples
+                .iter()
+                .map(|s| s.inputs[k].dims.first().copied().unwrap_or(1))
+                .sum();
+        }
+        let tensor = match &t.values {
+            Values::F32(_) => {
+                let v: Vec<f32> = samples
+                    .iter()
+                    .flat_map(|s| s.inputs[k].as_f32().unwrap_or(&[]).iter().copied())
+                    .collect();
+                Tensor::from_shape(&dims, &v)?
+            }
+            Values::I64(_) => {
+                let v: Vec<i64> = samples
+                    .iter()
+                    .flat_map(|s| match &s.inputs[k].values {
+                        Values::I64(v) => v.clone(),
+                        Values::F32(_) => vec![],
+                    })
+                    .collect();
+                Tensor::from_shape(&dims, &v)?
+            }
+        };
+        facts.push((dims, tensor.datum_type()));
+        inputs.push(tensor.into());
+    }
+    Ok((facts, inputs, rows))
+}
+
+/// Splits batch outputs back into per-sample outputs (outputs whose axis 0 is not the batch are
+/// given whole to every sample).
+fn split_rows(outputs: TVec<TValue>, rows: &[usize]) -> Result<Vec<SampleOutputs>> {
+    let mut per_sample: Vec<SampleOutputs> = vec![vec![]; rows.len()];
+    let total: usize = rows.iter().sum();
+    for out in outputs {
+        let out = out.cast_to::<f32>()?.into_owned();
+        let view = out.try_as_plain_ram()?;
+        let values = view.as_slice::<f32>()?;
+        let shape = out.shape();
+        let per_row = if shape.first() == Some(&total) && total > 0 {
+            values.len() / total
+        } else {
+            0
+        };
+        let mut at = 0;
+        for (s, &r) in rows.iter().enumerate() {
+            let (dims, v) = if per_row > 0 {
+                let mut d = shape.to_vec();
+                d[0] = r;
+                (d, values[at..at + r * per_row].to_vec())
+            } else {
+                (shape.to_vec(), values.to_vec())
+            };
+            at += r * per_row;
+            per_sample[s].push((dims, v));
+        }
+    }
+    Ok(per_sample)
 }
 
 /// Consecutive samples with equal input shapes (beyond axis 0), at most `batch` per group.

@@ -173,3 +173,38 @@ fn changing_parameters_never_rebuilds() {
     assert_eq!(first, third, "the same parameters give the same loss");
     assert!(first > 0.0 && first < 0.01, "minmax W8A8 loss {first}");
 }
+
+#[test]
+fn single_site_tails_give_the_full_network_loss() {
+    let dir = tempdir();
+    for name in ["residual_add", "classifier", "matmul", "concat"] {
+        let j = job(name, &dir.path().join("q.onnx"), true, 8, 8);
+        let c = lapq::calibrate(&j).unwrap();
+        let oracle = lapq::oracle(&c, c.samples.clone(), 4).unwrap();
+        let (acts, weights) = (c.params.activations.len(), c.params.weights.len());
+        let slots = acts + weights + c.params.biases.len();
+        for slot in 0..slots {
+            let tail = oracle.focus(slot, &c.params).unwrap();
+            let built = lapq::oracle::plans_built();
+            for factor in [0.5f32, 1.7] {
+                let mut p = c.params.clone();
+                let q = if slot < acts {
+                    &mut p.activations[slot]
+                } else if slot < acts + weights {
+                    &mut p.weights[slot - acts]
+                } else {
+                    &mut p.biases[slot - acts - weights]
+                };
+                q.scale.iter_mut().for_each(|s| *s *= factor);
+                let fast = oracle.loss_in(&tail, &p).unwrap();
+                let full = oracle.loss(&p).unwrap();
+                assert_eq!(fast, full, "{name} slot {slot} x{factor}");
+            }
+            assert_eq!(
+                lapq::oracle::plans_built(),
+                built,
+                "{name} slot {slot}: evaluations rebuilt a plan"
+            );
+        }
+    }
+}
