@@ -103,6 +103,7 @@ pub fn oracle(c: &Calibrated, samples: Vec<data::Sample>, batch: usize) -> Resul
                     } else {
                         node.name().to_string()
                     },
+                    // Conv, ConvTranspose and Gemm read their bias as input 2 (the policy's Linear class).
                     slot: 2,
                     input: b.input,
                     weight: b.weight,

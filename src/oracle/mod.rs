@@ -1,5 +1,7 @@
-//! The only module that uses tract: it runs the float model and shows the caller the tensors it asks
-//! for, by their ONNX names. (The loss oracle of LAPQ will live here too.)
+//! The only module that uses tract. `FloatModel` runs the float network and shows the caller the
+//! tensors it asks for, by their ONNX names (statistics). `Oracle` runs the quantized network, built
+//! once with parameters read at run time, and compares it with the float network (the loss LAPQ
+//! minimises); `Oracle::focus` re-runs only what lies downstream of one site.
 
 mod quant;
 
