@@ -10,9 +10,16 @@ use lapq::config::{DataConfig, ImageConfig, Job, QuantConfig};
 const IMAGES: usize = 64;
 const REPEATS: usize = 3;
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// Median over `REPEATS` runs of `f`, in milliseconds per image for `n` images.
+fn ms_per_image(n: f64, f: impl Fn() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let mut v = (0..REPEATS)
+        .map(|_| {
+            let t = Instant::now();
+            f().map(|_| t.elapsed().as_secs_f64() * 1e3 / n)
+        })
+        .collect::<anyhow::Result<Vec<f64>>>()?;
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    Ok(v[v.len() / 2])
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,16 +51,11 @@ fn main() -> anyhow::Result<()> {
         &["logits".to_string()],
     )?;
     let _warm = float.observe(&c.samples[..2], || (), |_, _, _, _| (), &|| ())?;
-    let tract_float = median(
-        (0..REPEATS)
-            .map(|_| {
-                let t = Instant::now();
-                float
-                    .observe(&c.samples, || (), |_, _, _, _| (), &|| ())
-                    .map(|_| t.elapsed().as_secs_f64() * 1e3 / n)
-            })
-            .collect::<anyhow::Result<_>>()?,
-    );
+    let tract_float = ms_per_image(n, || {
+        float
+            .observe(&c.samples, || (), |_, _, _, _| (), &|| ())
+            .map(drop)
+    })?;
 
     let t = Instant::now();
     let batch: usize = std::env::var("LAPQ_BENCH_BATCH")
@@ -63,27 +65,9 @@ fn main() -> anyhow::Result<()> {
     let oracle = lapq::oracle(&c, c.samples.clone(), batch)?;
     let build_ms = t.elapsed().as_secs_f64() * 1e3;
     let builds = lapq::oracle::plans_built();
-    let full = median(
-        (0..REPEATS)
-            .map(|_| {
-                let t = Instant::now();
-                oracle
-                    .loss(&c.params)
-                    .map(|_| t.elapsed().as_secs_f64() * 1e3 / n)
-            })
-            .collect::<anyhow::Result<_>>()?,
-    );
+    let full = ms_per_image(n, || oracle.loss(&c.params).map(drop))?;
     oracle.model().set_quantized(false);
-    let passthrough = median(
-        (0..REPEATS)
-            .map(|_| {
-                let t = Instant::now();
-                oracle
-                    .loss(&c.params)
-                    .map(|_| t.elapsed().as_secs_f64() * 1e3 / n)
-            })
-            .collect::<anyhow::Result<_>>()?,
-    );
+    let passthrough = ms_per_image(n, || oracle.loss(&c.params).map(drop))?;
     oracle.model().set_quantized(true);
     assert_eq!(
         lapq::oracle::plans_built(),

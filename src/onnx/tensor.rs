@@ -87,58 +87,59 @@ pub fn elem_type_name(data_type: i32) -> &'static str {
 ///
 /// External data must have been resolved by `read_model` before.
 pub fn tensor_f32(t: &TensorProto) -> Result<Vec<f32>> {
-    let n = tensor_num_elements(t)?;
-    let values: Vec<f32> = match DataType::try_from(t.data_type()) {
-        Ok(DataType::Float) => match &t.raw_data {
-            Some(raw) if !raw.is_empty() || t.float_data.is_empty() => {
-                le_chunks::<4>(raw, t)?.map(f32::from_le_bytes).collect()
-            }
-            _ => t.float_data.clone(),
-        },
-        Ok(DataType::Double) => match &t.raw_data {
-            Some(raw) if !raw.is_empty() || t.double_data.is_empty() => le_chunks::<8>(raw, t)?
-                .map(|b| f64::from_le_bytes(b) as f32)
-                .collect(),
-            _ => t.double_data.iter().map(|&x| x as f32).collect(),
-        },
+    let values = match DataType::try_from(t.data_type()) {
+        Ok(DataType::Float) => decode(t, &t.float_data, f32::from_le_bytes, |&x| x)?,
+        Ok(DataType::Double) => decode(
+            t,
+            &t.double_data,
+            |b| f64::from_le_bytes(b) as f32,
+            |&x| x as f32,
+        )?,
         _ => bail!(
             "tensor '{}' has element type {}, expected FLOAT",
             t.name(),
             elem_type_name(t.data_type())
         ),
     };
-    ensure!(
-        values.len() == n,
-        "tensor '{}' holds {} values but its dims {:?} need {n}",
-        t.name(),
-        values.len(),
-        t.dims
-    );
-    Ok(values)
+    checked_count(t, values)
 }
 
 /// The tensor's values as `i64` (from INT64 or INT32 data).
 pub fn tensor_i64(t: &TensorProto) -> Result<Vec<i64>> {
-    let n = tensor_num_elements(t)?;
-    let values: Vec<i64> = match DataType::try_from(t.data_type()) {
-        Ok(DataType::Int64) => match &t.raw_data {
-            Some(raw) if !raw.is_empty() || t.int64_data.is_empty() => {
-                le_chunks::<8>(raw, t)?.map(i64::from_le_bytes).collect()
-            }
-            _ => t.int64_data.clone(),
-        },
-        Ok(DataType::Int32) => match &t.raw_data {
-            Some(raw) if !raw.is_empty() || t.int32_data.is_empty() => le_chunks::<4>(raw, t)?
-                .map(|b| i32::from_le_bytes(b) as i64)
-                .collect(),
-            _ => t.int32_data.iter().map(|&x| x as i64).collect(),
-        },
+    let values = match DataType::try_from(t.data_type()) {
+        Ok(DataType::Int64) => decode(t, &t.int64_data, i64::from_le_bytes, |&x| x)?,
+        Ok(DataType::Int32) => decode(
+            t,
+            &t.int32_data,
+            |b| i32::from_le_bytes(b) as i64,
+            |&x| x as i64,
+        )?,
         _ => bail!(
             "tensor '{}' has element type {}, expected INT64",
             t.name(),
             elem_type_name(t.data_type())
         ),
     };
+    checked_count(t, values)
+}
+
+/// Values from `raw_data` (little-endian, `N` bytes each) when present, else from the typed field.
+fn decode<const N: usize, S, T>(
+    t: &TensorProto,
+    typed: &[S],
+    from_le: impl Fn([u8; N]) -> T,
+    from_typed: impl Fn(&S) -> T,
+) -> Result<Vec<T>> {
+    Ok(match &t.raw_data {
+        Some(raw) if !raw.is_empty() || typed.is_empty() => {
+            le_chunks::<N>(raw, t)?.map(from_le).collect()
+        }
+        _ => typed.iter().map(from_typed).collect(),
+    })
+}
+
+fn checked_count<T>(t: &TensorProto, values: Vec<T>) -> Result<Vec<T>> {
+    let n = tensor_num_elements(t)?;
     ensure!(
         values.len() == n,
         "tensor '{}' holds {} values but its dims {:?} need {n}",
