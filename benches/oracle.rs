@@ -102,6 +102,30 @@ fn main() -> anyhow::Result<()> {
     }
     let single = single.iter().sum::<f64>() / single.len() as f64;
     let prepare = prepare.iter().sum::<f64>() / prepare.len() as f64;
+    drop(oracle);
+
+    // The same network with activation sites only: weights stay constants tract can pre-pack.
+    let act_sites = lapq::oracle::Sites {
+        activations: c
+            .plan
+            .activations
+            .iter()
+            .map(|a| a.tensor.clone())
+            .collect(),
+        ..Default::default()
+    };
+    let acts_only = lapq::oracle::Oracle::new(
+        &lapq::onnx::encode_model(&c.model),
+        &act_sites,
+        c.samples.clone(),
+        None,
+        batch,
+    )?;
+    let params = lapq::calib::Params {
+        activations: c.params.activations.clone(),
+        ..Default::default()
+    };
+    let acts_only = ms_per_image(n, || acts_only.loss(&params).map(drop))?;
 
     let subset = dir.path().join("subset.npz");
     let py = root.join(".venv/bin/python");
@@ -141,6 +165,12 @@ fn main() -> anyhow::Result<()> {
         "  of which fake quantization (the rest: same pass off)",
         full - passthrough,
         (full - passthrough) / tract_float
+    );
+    println!(
+        "{:<52} {:>8.2} {:>10.2}",
+        "  the same with activation sites only (constant weights)",
+        acts_only,
+        acts_only / tract_float
     );
     println!(
         "{:<52} {:>8.2} {:>10.2}",
