@@ -106,12 +106,7 @@ fn main() -> anyhow::Result<()> {
 
     // The same network with activation sites only: weights stay constants tract can pre-pack.
     let act_sites = lapq::oracle::Sites {
-        activations: c
-            .plan
-            .activations
-            .iter()
-            .map(|a| a.tensor.clone())
-            .collect(),
+        activations: lapq::oracle_sites(&c)?.activations,
         ..Default::default()
     };
     let acts_only = lapq::oracle::Oracle::new(

@@ -82,8 +82,19 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
 
 /// Builds the loss oracle of a calibrated run over `samples` (batches of `batch` samples).
 pub fn oracle(c: &Calibrated, samples: Vec<data::Sample>, batch: usize) -> Result<oracle::Oracle> {
+    oracle::Oracle::new(
+        &onnx::encode_model(&c.model),
+        &oracle_sites(c)?,
+        samples,
+        None,
+        batch,
+    )
+}
+
+/// The oracle's sites for a calibrated run's plan, aligned with its `Params`.
+pub fn oracle_sites(c: &Calibrated) -> Result<oracle::Sites> {
     let index = GraphIndex::new(&c.model)?;
-    let sites = oracle::Sites {
+    Ok(oracle::Sites {
         activations: c
             .plan
             .activations
@@ -111,8 +122,7 @@ pub fn oracle(c: &Calibrated, samples: Vec<data::Sample>, batch: usize) -> Resul
                 }
             })
             .collect(),
-    };
-    oracle::Oracle::new(&onnx::encode_model(&c.model), &sites, samples, None, batch)
+    })
 }
 
 /// Reads a model and plans its quantization without touching data: what `lapq inspect` shows.
