@@ -8,18 +8,44 @@ use std::time::Instant;
 use lapq::config::{DataConfig, ImageConfig, Job, QuantConfig};
 
 const IMAGES: usize = 64;
-const REPEATS: usize = 3;
+const ROUNDS: usize = 5;
 
-/// Median over `REPEATS` runs of `f`, in milliseconds per image for `n` images.
-fn ms_per_image(n: f64, f: impl Fn() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-    let mut v = (0..REPEATS)
-        .map(|_| {
-            let t = Instant::now();
-            f().map(|_| t.elapsed().as_secs_f64() * 1e3 / n)
-        })
-        .collect::<anyhow::Result<Vec<f64>>>()?;
+/// A timing: milliseconds per image and the ratio to the baseline timed in the same rounds.
+#[derive(Clone, Copy, Default)]
+struct Timing {
+    ms: f64,
+    ratio: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    Ok(v[v.len() / 2])
+    v[v.len() / 2]
+}
+
+/// Times each of `fs` once per round (the first is the baseline), for `n` images; returns the
+/// medians of the per-image times and of the per-round ratios to the baseline.
+fn interleaved<const K: usize>(
+    rounds: usize,
+    n: f64,
+    fs: [&dyn Fn() -> anyhow::Result<()>; K],
+) -> anyhow::Result<[Timing; K]> {
+    let mut ms = vec![vec![]; K];
+    for _ in 0..rounds {
+        for (k, f) in fs.iter().enumerate() {
+            let t = Instant::now();
+            f()?;
+            ms[k].push(t.elapsed().as_secs_f64() * 1e3 / n);
+        }
+    }
+    let mut out = [Timing::default(); K];
+    for k in 0..K {
+        let ratios = ms[k].iter().zip(&ms[0]).map(|(a, b)| a / b).collect();
+        out[k] = Timing {
+            ms: median(ms[k].clone()),
+            ratio: median(ratios),
+        };
+    }
+    Ok(out)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,23 +77,54 @@ fn main() -> anyhow::Result<()> {
         &["logits".to_string()],
     )?;
     let _warm = float.observe(&c.samples[..2], || (), |_, _, _, _| (), &|| ())?;
-    let tract_float = ms_per_image(n, || {
-        float
-            .observe(&c.samples, || (), |_, _, _, _| (), &|| ())
-            .map(drop)
-    })?;
 
     let t = Instant::now();
     let batch: usize = std::env::var("LAPQ_BENCH_BATCH")
         .ok()
         .and_then(|b| b.parse().ok())
-        .unwrap_or(8);
+        .unwrap_or(1);
     let oracle = lapq::oracle(&c, c.samples.clone(), batch)?;
     let build_ms = t.elapsed().as_secs_f64() * 1e3;
+    // The same network with activation sites only: weights stay constants tract can pre-pack.
+    let act_sites = lapq::oracle::Sites {
+        activations: lapq::oracle_sites(&c)?.activations,
+        ..Default::default()
+    };
+    let acts_only = lapq::oracle::Oracle::new(
+        &lapq::onnx::encode_model(&c.model),
+        &act_sites,
+        c.samples.clone(),
+        None,
+        batch,
+    )?;
+    let act_params = lapq::calib::Params {
+        activations: c.params.activations.clone(),
+        ..Default::default()
+    };
     let builds = lapq::oracle::plans_built();
-    let full = ms_per_image(n, || oracle.loss(&c.params).map(drop))?;
-    oracle.model().set_quantized(false);
-    let passthrough = ms_per_image(n, || oracle.loss(&c.params).map(drop))?;
+    // Interleaved rounds: each round times the baseline and every variant back to back, so that the
+    // machine's drift hits them alike; ratios are taken within a round.
+    let forward = || {
+        float
+            .observe(&c.samples, || (), |_, _, _, _| (), &|| ())
+            .map(drop)
+    };
+    let [tract_float, full, passthrough, acts_only] = interleaved(
+        ROUNDS,
+        n,
+        [
+            &forward,
+            &|| {
+                oracle.model().set_quantized(true);
+                oracle.loss(&c.params).map(drop)
+            },
+            &|| {
+                oracle.model().set_quantized(false);
+                oracle.loss(&c.params).map(drop)
+            },
+            &|| acts_only.loss(&act_params).map(drop),
+        ],
+    )?;
     oracle.model().set_quantized(true);
     assert_eq!(
         lapq::oracle::plans_built(),
@@ -77,7 +134,13 @@ fn main() -> anyhow::Result<()> {
     // Every activation and weight site: prepare its tail once, then time an evaluation after changing
     // that site alone (what a coordinate line search does).
     let acts = c.params.activations.len();
-    let sites: Vec<usize> = (0..acts + c.params.weights.len()).collect();
+    // LAPQ_BENCH_QUICK=1 skips this sweep (minutes) when iterating on the full evaluation.
+    let quick = std::env::var("LAPQ_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let sites: Vec<usize> = if quick {
+        vec![0]
+    } else {
+        (0..acts + c.params.weights.len()).collect()
+    };
     let (mut single, mut prepare) = (vec![], vec![]);
     for &s in &sites {
         let t = Instant::now();
@@ -91,36 +154,20 @@ fn main() -> anyhow::Result<()> {
         };
         q.scale.iter_mut().for_each(|x| *x *= 1.1);
         let built = lapq::oracle::plans_built();
-        let t = Instant::now();
-        oracle.loss_in(&tail, &p)?;
-        single.push(t.elapsed().as_secs_f64() * 1e3 / n);
+        let [_, t] = interleaved(1, n, [&forward, &|| oracle.loss_in(&tail, &p).map(drop)])?;
+        single.push(t);
         assert_eq!(
             lapq::oracle::plans_built(),
             built,
             "a parameter change rebuilt the model"
         );
     }
-    let single = single.iter().sum::<f64>() / single.len() as f64;
+    let single = Timing {
+        ms: single.iter().map(|t| t.ms).sum::<f64>() / single.len() as f64,
+        ratio: single.iter().map(|t| t.ratio).sum::<f64>() / single.len() as f64,
+    };
     let prepare = prepare.iter().sum::<f64>() / prepare.len() as f64;
     drop(oracle);
-
-    // The same network with activation sites only: weights stay constants tract can pre-pack.
-    let act_sites = lapq::oracle::Sites {
-        activations: lapq::oracle_sites(&c)?.activations,
-        ..Default::default()
-    };
-    let acts_only = lapq::oracle::Oracle::new(
-        &lapq::onnx::encode_model(&c.model),
-        &act_sites,
-        c.samples.clone(),
-        None,
-        batch,
-    )?;
-    let params = lapq::calib::Params {
-        activations: c.params.activations.clone(),
-        ..Default::default()
-    };
-    let acts_only = ms_per_image(n, || acts_only.loss(&params).map(drop))?;
 
     let subset = dir.path().join("subset.npz");
     let py = root.join(".venv/bin/python");
@@ -141,52 +188,36 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
 
     println!(
-        "EfficientNet-Lite0, {} images, 2 cores; ms per image (median of {REPEATS})",
+        "EfficientNet-Lite0, {} images, 2 cores; ms per image and ratio to tract's float forward pass",
         c.samples.len()
     );
-    println!("{:<52} {:>8} {:>10}", "", "ms/img", "vs tract");
-    println!(
-        "{:<52} {:>8.2} {:>10.2}",
-        "tract float forward (batch 1, 2 threads)", tract_float, 1.0
-    );
-    println!(
-        "{:<52} {:>8.2} {:>10.2}",
-        format!("oracle full evaluation (batch {batch}, 2 threads)"),
+    println!("(medians over {ROUNDS} interleaved rounds; single-site rows: mean over sites)");
+    let row = |name: &str, t: Timing| println!("{name:<56} {:>8.2} {:>10.2}", t.ms, t.ratio);
+    println!("{:<56} {:>8} {:>10}", "", "ms/img", "vs tract");
+    row("tract float forward (batch 1, 2 threads)", tract_float);
+    row(
+        &format!("oracle full evaluation (batch {batch}, 2 threads)"),
         full,
-        full / tract_float
     );
-    println!(
-        "{:<52} {:>8.2} {:>10.2}",
-        "  of which fake quantization (the rest: same pass off)",
-        full - passthrough,
-        (full - passthrough) / tract_float
-    );
-    println!(
-        "{:<52} {:>8.2} {:>10.2}",
-        "  the same with activation sites only (constant weights)",
-        acts_only,
-        acts_only / tract_float
-    );
-    println!(
-        "{:<52} {:>8.2} {:>10.2}",
-        format!(
-            "oracle after a single-site change (mean of {} sites)",
-            sites.len()
-        ),
+    row("  the same pass with fake quantization off", passthrough);
+    row("  activation sites only (constant weights)", acts_only);
+    row(
+        &format!("oracle after a single-site change ({} sites)", sites.len()),
         single,
-        single / tract_float
     );
-    println!(
-        "{:<52} {:>8.2} {:>10.2}",
+    row(
         "ONNX Runtime float forward (batch 1, 1 thread)",
-        ort[0],
-        ort[0] / tract_float
+        Timing {
+            ms: ort[0],
+            ratio: ort[0] / tract_float.ms,
+        },
     );
-    println!(
-        "{:<52} {:>8.2} {:>10.2}",
+    row(
         "ONNX Runtime float forward (batch 1, default threads)",
-        ort[1],
-        ort[1] / tract_float
+        Timing {
+            ms: ort[1],
+            ratio: ort[1] / tract_float.ms,
+        },
     );
     println!(
         "oracle build (once, includes the float reference pass): {build_ms:.0} ms; plans built: {builds}"

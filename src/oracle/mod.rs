@@ -197,12 +197,13 @@ impl Plans {
         for (k, (dims, dt)) in inputs.iter().enumerate() {
             model.set_input_fact(k, InferenceFact::dt_shape(*dt, dims))?;
         }
-        let plan = model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| {
-                anyhow!("tract cannot optimize the model for input shapes {key:?}: {e:#}")
-            })?;
+        let mut optimized = model.into_optimized().map_err(|e| {
+            anyhow!("tract cannot optimize the model for input shapes {key:?}: {e:#}")
+        })?;
+        quant::memoize_parameter_paths(&mut optimized)?;
+        let plan = optimized
+            .into_runnable()
+            .map_err(|e| anyhow!("tract cannot plan the model for input shapes {key:?}: {e:#}"))?;
         quant::count_build();
         cache.insert(key, plan.clone());
         Ok(plan)

@@ -4,19 +4,20 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::{
-    EvalContext, Expansion, InferenceResult, Op, Solver, StaticName, TensorProxy, TypedFact,
-    TypedOp, check_input_arity, check_output_arity, expand,
+    AxesMapping, AxisChangeConsequence, AxisOp, EvalContext, Expansion, InOut, InferenceResult, Op,
+    Solver, StaticName, TensorProxy, TypedFact, TypedNode, TypedOp, check_input_arity,
+    check_output_arity, expand,
 };
 use tract_onnx::tract_hir::tract_core::ops::EvalOp;
 use tract_onnx::tract_hir::tract_core::{as_op, not_out_of_plan, op_as_typed_op};
 
 use super::{Plans, find_outlet, load_onnx};
-use crate::calib::{self, Params};
+use crate::calib::{self, Params, QParams};
 use crate::data::{Sample, Values};
 
 /// Number of tract plans optimized by this process (each costs a full optimization; parameter
@@ -71,6 +72,12 @@ struct Table {
 struct FakeQuant {
     slot: usize,
     table: Arc<Table>,
+    /// Per-tensor sites work in any layout, so tract may move axes through them and keep its
+    /// layout optimisations; per-channel sites pin the layout their parameters' axis refers to.
+    layout_free: bool,
+    /// Weight and bias sites: the last result and the parameters it was computed with. Their input
+    /// is always the same constant, so equal parameters give an equal result.
+    cache: Option<Arc<Mutex<Option<(QParams, TValue)>>>>,
 }
 
 impl PartialEq for FakeQuant {
@@ -82,7 +89,8 @@ impl PartialEq for FakeQuant {
 impl Eq for FakeQuant {}
 
 impl FakeQuant {
-    fn apply(&self, data: &mut [f32], dims: &[usize]) -> Result<()> {
+    /// The fake-quantized `input`, from the cache when this site's parameters did not change.
+    fn run(&self, input: TValue) -> Result<TValue> {
         let guard = self
             .table
             .params
@@ -91,6 +99,37 @@ impl FakeQuant {
         let params = guard
             .as_ref()
             .context("quantization parameters were never set")?;
+        let key = self.slot_params(params);
+        if let Some(cache) = &self.cache {
+            let cached = cache.lock().map_err(|_| anyhow!("weight cache poisoned"))?;
+            if let Some((p, value)) = cached.as_ref()
+                && p == key
+            {
+                return Ok(value.clone());
+            }
+        }
+        let mut t = input.into_tensor();
+        let dims = t.shape().to_vec();
+        let mut view = t.try_as_plain_ram_mut()?;
+        self.apply(params, view.as_slice_mut::<f32>()?, &dims)?;
+        let value = t.into_tvalue();
+        if let Some(cache) = &self.cache {
+            *cache.lock().map_err(|_| anyhow!("weight cache poisoned"))? =
+                Some((key.clone(), value.clone()));
+        }
+        Ok(value)
+    }
+
+    fn slot_params<'p>(&self, params: &'p Params) -> &'p QParams {
+        let (a, w) = (self.table.activations, self.table.weights);
+        match self.slot {
+            s if s < a => &params.activations[s],
+            s if s < a + w => &params.weights[s - a],
+            s => &params.biases[s - a - w],
+        }
+    }
+
+    fn apply(&self, params: &Params, data: &mut [f32], dims: &[usize]) -> Result<()> {
         let (a, w) = (self.table.activations, self.table.weights);
         if self.slot < a + w {
             let p = if self.slot < a {
@@ -98,6 +137,10 @@ impl FakeQuant {
             } else {
                 &params.weights[self.slot - a]
             };
+            ensure!(
+                !self.layout_free || p.axis.is_none(),
+                "per-channel parameters at an activation site"
+            );
             p.fake_quant_in_place(data, dims);
             return Ok(());
         }
@@ -131,11 +174,7 @@ impl EvalOp for FakeQuant {
         let Some(input) = inputs.into_iter().next() else {
             bail!("fake quantization without input")
         };
-        let mut t = input.into_tensor();
-        let dims = t.shape().to_vec();
-        let mut view = t.try_as_plain_ram_mut()?;
-        self.apply(view.as_slice_mut::<f32>()?, &dims)?;
-        Ok(tvec!(t.into_tvalue()))
+        Ok(tvec!(self.run(input)?))
     }
 }
 
@@ -143,7 +182,115 @@ impl TypedOp for FakeQuant {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         Ok(tvec!(inputs[0].without_value()))
     }
+
+    fn axes_mapping(
+        &self,
+        inputs: &[&TypedFact],
+        outputs: &[&TypedFact],
+    ) -> TractResult<AxesMapping> {
+        if self.layout_free {
+            AxesMapping::natural(inputs, outputs)
+        } else {
+            AxesMapping::disconnected(inputs, outputs)
+        }
+    }
+
+    fn change_axes(
+        &self,
+        model: &TypedModel,
+        node: &TypedNode,
+        _io: InOut,
+        change: &AxisOp,
+    ) -> TractResult<Option<AxisChangeConsequence>> {
+        Ok(self
+            .layout_free
+            .then(|| AxisChangeConsequence::new(model, node, None, change)))
+    }
     as_op!();
+}
+
+/// Wraps an optimized node whose inputs are all constants or derived from weight and bias sites
+/// (tract's kernel reshapes and packing): evaluates it again only when one of those inputs changed.
+/// Inputs are compared by identity: the weight sites hand out the same `Arc` while their parameters
+/// stay, and the cache holds its inputs so that an identical pointer means identical contents.
+#[derive(Clone, Debug)]
+struct Memo {
+    inner: Box<dyn TypedOp>,
+    cache: Arc<Mutex<Option<(TVec<TValue>, TVec<TValue>)>>>,
+}
+
+impl PartialEq for Memo {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.cache, &other.cache)
+    }
+}
+
+impl Eq for Memo {}
+
+impl Op for Memo {
+    fn name(&self) -> StaticName {
+        format!("LapqMemo({})", self.inner.name()).into()
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for Memo {
+    not_out_of_plan!();
+
+    fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| anyhow!("memo cache poisoned"))?;
+        if let Some((seen, outputs)) = cache.as_ref()
+            && seen.len() == inputs.len()
+            && seen.iter().zip(&inputs).all(|(a, b)| {
+                matches!((a.as_arc_tensor(), b.as_arc_tensor()), (Some(a), Some(b)) if Arc::ptr_eq(a, b))
+            })
+        {
+            return Ok(outputs.clone());
+        }
+        let outputs = self.inner.eval(ctx, inputs.clone())?;
+        *cache = Some((inputs, outputs.clone()));
+        Ok(outputs)
+    }
+}
+
+impl TypedOp for Memo {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        self.inner.output_facts(inputs)
+    }
+    as_op!();
+}
+
+/// Memoizes, in an optimized model, every node computed from weight and bias sites (and constants)
+/// alone, so that a run after a change to activation parameters does no weight work.
+pub(super) fn memoize_parameter_paths(model: &mut TypedModel) -> Result<()> {
+    let order = model.eval_order()?;
+    let mut derived = vec![false; model.nodes().len()];
+    for n in order {
+        let node = model.node(n);
+        if let Some(fq) = node.op_as::<FakeQuant>() {
+            derived[n] = fq.cache.is_some();
+            continue;
+        }
+        let inputs_fixed = node.inputs.iter().all(|i| {
+            derived[i.node]
+                || model
+                    .node(i.node)
+                    .op_is::<tract_onnx::tract_hir::tract_core::ops::konst::Const>()
+        });
+        if node.inputs.is_empty() || !inputs_fixed || !node.inputs.iter().any(|i| derived[i.node]) {
+            continue;
+        }
+        derived[n] = true;
+        let inner = node.op.clone();
+        model.node_mut(n).op = Box::new(Memo {
+            inner,
+            cache: Arc::default(),
+        });
+    }
+    Ok(())
 }
 
 #[derive(Clone, Debug)]
@@ -204,10 +351,13 @@ impl QuantModel {
             betas: sites.biases.iter().map(|b| b.beta).collect(),
             params: RwLock::new(None),
         });
+        let activations = sites.activations.len();
         let op = |slot: usize| {
             expand(FakeQuantExpansion(FakeQuant {
                 slot,
                 table: table.clone(),
+                layout_free: slot < activations,
+                cache: (slot >= activations).then(Arc::default),
             }))
         };
         let mut fq_nodes = vec![];
