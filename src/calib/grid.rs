@@ -102,9 +102,26 @@ impl Grid {
     }
 }
 
-/// `clamp(round_half_even(x / scale), lo, hi) * scale` for every `x`, written so that it vectorizes.
-#[inline(never)]
+/// `clamp(round_half_even(x / scale), lo, hi) * scale` for every `x`, written so that it vectorizes,
+/// with 8 lanes where the CPU has AVX (same results: every step is IEEE-exact per lane).
 fn fake_quant_kernel(data: &mut [f32], scale: f32, lo: f32, hi: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports the features the function is compiled for.
+        unsafe { fake_quant_kernel_avx2(data, scale, lo, hi) };
+        return;
+    }
+    fake_quant_kernel_portable(data, scale, lo, hi);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn fake_quant_kernel_avx2(data: &mut [f32], scale: f32, lo: f32, hi: f32) {
+    fake_quant_kernel_portable(data, scale, lo, hi);
+}
+
+#[inline(always)]
+fn fake_quant_kernel_portable(data: &mut [f32], scale: f32, lo: f32, hi: f32) {
     // Adding and subtracting 1.5 * 2^23 rounds half to even for |v| < 2^22; the codes lie far inside.
     const MAGIC: f32 = 12_582_912.0;
     for x in data.iter_mut() {
@@ -321,8 +338,8 @@ mod tests {
             let channels = 3;
             let data: Vec<f32> = (0..channels).flat_map(|_| values.iter().copied()).collect();
             let dims = [channels, 12];
-            let pc = crate::calib::weight_minmax(Grid::I8_SYM, &data, &dims, Some(0)).unwrap();
-            let pt = crate::calib::weight_minmax(Grid::I8_SYM, &data, &dims, None).unwrap();
+            let pc = crate::calib::weight_params(Grid::I8_SYM, &data, &dims, Some(0), crate::calib::Clipping::MinMax).unwrap();
+            let pt = crate::calib::weight_params(Grid::I8_SYM, &data, &dims, None, crate::calib::Clipping::MinMax).unwrap();
             prop_assert!(pc.scale.iter().all(|&s| s == pt.scale[0]));
             prop_assert_eq!(pc.fake_quant_tensor(&data, &dims), pt.fake_quant_tensor(&data, &dims));
         }

@@ -2,12 +2,21 @@
 //! calibration methods. It sees numbers only (no files, no protobuf, no inference engine), so everything
 //! here is unit-tested without a model.
 
+mod clip;
 mod grid;
+mod hist;
 mod loss;
+mod pfit;
+mod powell;
+pub mod search;
 mod stats;
 
+pub use clip::{Clipping, alpha_from_histogram, alpha_from_values, clipped_range, lp_error};
 pub use grid::{Grid, QParams, bias_params, guard_bias_overflow, quantize_bias};
+pub use hist::{BINS, Histogram};
 pub use loss::{LossKind, cross_entropy, kl_softmax, mse};
+pub use pfit::{PFit, fit_p, p_grid};
+pub use powell::{Objective, PowellConfig, PowellResult, powell};
 pub use stats::{RangeStats, channel_min_max};
 
 use serde::Serialize;
@@ -20,12 +29,14 @@ pub struct Params {
     pub biases: Vec<QParams>,
 }
 
-/// MinMax parameters of a weight: its exact range, per slice along `axis` or over the whole tensor.
-pub fn weight_minmax(
+/// Parameters of a weight from its exact values, per slice along `axis` or over the whole tensor,
+/// with each slice's range clipped by `how`.
+pub fn weight_params(
     grid: Grid,
     values: &[f32],
     dims: &[usize],
     axis: Option<usize>,
+    how: Clipping,
 ) -> anyhow::Result<QParams> {
     let (mut min, mut max, non_finite) = channel_min_max(values, dims, axis.unwrap_or(0));
     anyhow::ensure!(non_finite == 0, "{non_finite} values are NaN or infinite");
@@ -36,12 +47,50 @@ pub fn weight_minmax(
     {
         (*lo, *hi) = (0.0, 0.0);
     }
-    match axis {
-        Some(a) => QParams::per_channel(grid, a, &min, &max),
-        None => {
-            let lo = min.iter().copied().fold(0f32, f32::min);
-            let hi = max.iter().copied().fold(0f32, f32::max);
-            QParams::per_tensor(grid, lo, hi)
+    if axis.is_none() {
+        let lo = min.iter().copied().fold(0f32, f32::min);
+        let hi = max.iter().copied().fold(0f32, f32::max);
+        (min, max) = (vec![lo], vec![hi]);
+    }
+    if how != Clipping::MinMax {
+        let slices = channel_slices(values, dims, axis);
+        let alphas = par_map(&slices, |s| alpha_from_values(s, grid, how));
+        for ((lo, hi), alpha) in min.iter_mut().zip(max.iter_mut()).zip(alphas) {
+            (*lo, *hi) = clipped_range(*lo, *hi, alpha);
         }
     }
+    match axis {
+        Some(a) => QParams::per_channel(grid, a, &min, &max),
+        None => QParams::per_tensor(grid, min[0], max[0]),
+    }
+}
+
+/// The values of each slice along `axis` (one slice holding everything without an axis).
+fn channel_slices(values: &[f32], dims: &[usize], axis: Option<usize>) -> Vec<Vec<f32>> {
+    let Some(axis) = axis else {
+        return vec![values.to_vec()];
+    };
+    let channels = dims.get(axis).copied().unwrap_or(1).max(1);
+    let inner: usize = dims.iter().skip(axis + 1).product::<usize>().max(1);
+    let mut slices = vec![Vec::with_capacity(values.len() / channels); channels];
+    for (block, chunk) in values.chunks(inner).enumerate() {
+        slices[block % channels].extend_from_slice(chunk);
+    }
+    slices
+}
+
+/// `f` over `items` on all cores, in order.
+fn par_map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chunk = items.len().div_ceil(workers).max(1);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|c| scope.spawn(|| c.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
+            .collect()
+    })
 }

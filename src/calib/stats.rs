@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use super::hist::Histogram;
+
 /// Running min/max of a tensor, overall and per channel (axis 1, the ONNX channel axis, for rank >= 2).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct RangeStats {
@@ -14,6 +16,9 @@ pub struct RangeStats {
     pub count: u64,
     /// Number of non-finite values seen (ignored by min/max).
     pub non_finite: u64,
+    /// All finite values, for the histogram methods.
+    #[serde(skip)]
+    pub hist: Histogram,
 }
 
 impl RangeStats {
@@ -31,6 +36,7 @@ impl RangeStats {
         }
         self.count += 1;
         self.non_finite += non_finite;
+        self.hist.observe(data);
     }
 
     /// Combines statistics observed on disjoint data.
@@ -51,6 +57,7 @@ impl RangeStats {
         );
         self.count += other.count;
         self.non_finite += other.non_finite;
+        self.hist.merge(&other.hist);
     }
 }
 
@@ -137,5 +144,8 @@ mod tests {
         }
         assert_eq!(s.channel_min.len(), 4);
         assert_eq!((s.min, s.max, s.count), (0.0, 999.0, 1000));
+        // The histogram's range grew 1000-fold; its size did not.
+        assert_eq!(s.hist.counts.len(), crate::calib::BINS);
+        assert_eq!(s.hist.total, 32_000);
     }
 }
