@@ -101,7 +101,7 @@ fn main() -> anyhow::Result<()> {
         activations: c.params.activations.clone(),
         ..Default::default()
     };
-    let builds = lapq::oracle::plans_built();
+    let builds = oracle.model().plans_built();
     // Interleaved rounds: each round times the baseline and every variant back to back, so that the
     // machine's drift hits them alike; ratios are taken within a round.
     let forward = || {
@@ -127,7 +127,7 @@ fn main() -> anyhow::Result<()> {
     )?;
     oracle.model().set_quantized(true);
     assert_eq!(
-        lapq::oracle::plans_built(),
+        oracle.model().plans_built(),
         builds,
         "a parameter change rebuilt the model"
     );
@@ -153,11 +153,11 @@ fn main() -> anyhow::Result<()> {
             &mut p.weights[s - acts]
         };
         q.scale.iter_mut().for_each(|x| *x *= 1.1);
-        let built = lapq::oracle::plans_built();
+        let built = oracle.model().plans_built();
         let [_, t] = interleaved(1, n, [&forward, &|| oracle.loss_in(&tail, &p).map(drop)])?;
         single.push(t);
         assert_eq!(
-            lapq::oracle::plans_built(),
+            oracle.model().plans_built(),
             built,
             "a parameter change rebuilt the model"
         );

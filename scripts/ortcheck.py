@@ -123,13 +123,22 @@ class NpzReader(oq.CalibrationDataReader):
         return {name: a[i:i + 1] for name, a in self.arrays.items()}
 
 
-def ort_quantize(float_path, calib_npz, out_path, per_channel=True):
-    """ONNX Runtime's own static quantization: QDQ, MinMax, uint8 activations, int8 weights."""
+def ort_quantize(float_path, calib_npz, out_path, per_channel=True, method="minmax",
+                 weight_type="int8", extra_options=None):
+    """ONNX Runtime's own static quantization: QDQ, uint8 activations, int8 (or int4) weights, with
+    its MinMax, Entropy or Percentile calibrator (extra_options as quantize_static takes them)."""
+    methods = {
+        "minmax": oq.CalibrationMethod.MinMax,
+        "entropy": oq.CalibrationMethod.Entropy,
+        "percentile": oq.CalibrationMethod.Percentile,
+    }
+    weights = {"int8": oq.QuantType.QInt8, "int4": oq.QuantType.QInt4}
     oq.quantize_static(
         str(float_path), str(out_path), NpzReader(calib_npz),
         quant_format=oq.QuantFormat.QDQ,
         per_channel=per_channel,
         activation_type=oq.QuantType.QUInt8,
-        weight_type=oq.QuantType.QInt8,
-        calibrate_method=oq.CalibrationMethod.MinMax,
+        weight_type=weights[weight_type],
+        calibrate_method=methods[method],
+        extra_options=extra_options or {},
     )

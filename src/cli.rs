@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail, ensure};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use lapq::config::{ChannelOrder, DataConfig, ImageConfig, Job, Layout, Method, QuantConfig};
+use lapq::config::{
+    ChannelOrder, Container, DataConfig, ImageConfig, Job, Layout, Method, QuantConfig,
+};
 
 /// Post-training quantization of float ONNX models into QDQ ONNX models for ONNX Runtime.
 #[derive(Parser, Debug)]
@@ -19,7 +21,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Quantize MODEL with calibration data and write a QDQ model.
-    Quantize(QuantizeArgs),
+    Quantize(Box<QuantizeArgs>),
     /// Print the quantization plan of MODEL: what is quantized, what stays float and why.
     Inspect(InspectArgs),
 }
@@ -35,9 +37,34 @@ pub struct QuantizeArgs {
     /// (single-input models), or a folder of ONNX test_data_set_* folders.
     #[arg(long)]
     pub calib: PathBuf,
-    /// Calibration method.
+    /// Calibration method. Weights follow it for minmax and mse; with the histogram methods
+    /// (percentile, entropy) weights keep their exact range, as in ONNX Runtime.
     #[arg(long, value_enum, default_value_t = MethodArg::Minmax)]
     pub method: MethodArg,
+    /// Calibration method for weights (minmax, percentile or mse) [default: see --method].
+    #[arg(long, value_enum)]
+    pub weight_method: Option<MethodArg>,
+    /// Calibration method for activations [default: --method].
+    #[arg(long, value_enum)]
+    pub act_method: Option<MethodArg>,
+    /// Percentile of |x| kept by the percentile method.
+    #[arg(long, default_value_t = 99.99)]
+    pub percentile: f64,
+    /// The p of the mse method's Lp-norm error (2 = mean squared error).
+    #[arg(long, default_value_t = 2.0, value_name = "P")]
+    pub lp: f64,
+    /// lapq: sweeps of Powell's joint search at most.
+    #[arg(long, default_value_t = 2, value_name = "N")]
+    pub max_iters: usize,
+    /// lapq: loss evaluations of Powell's joint search at most.
+    #[arg(long, default_value_t = 2000, value_name = "N")]
+    pub max_evals: usize,
+    /// lapq: calibration samples in the loss (the first N after --max-samples).
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub lapq_samples: usize,
+    /// lapq: optimise 8-bit sites too (by default only sites below 8 bits).
+    #[arg(long)]
+    pub lapq_8bit: bool,
     #[command(flatten)]
     pub plan: PlanArgs,
     /// Use at most N calibration samples, drawn at random with --seed.
@@ -78,6 +105,10 @@ pub struct PlanArgs {
     /// Activation bit width, 2 to 8 (below 8: uint8 with a Clip before each QuantizeLinear).
     #[arg(long, default_value_t = 8, value_name = "BITS")]
     pub abits: u8,
+    /// Storage of codes below 8 bits: int8 containers (loads and fuses in ONNX Runtime) or native
+    /// INT4/UINT4 (opset 21; ONNX Runtime runs it but does not fuse it into integer kernels).
+    #[arg(long, value_enum, default_value_t = ContainerArg::Int8)]
+    pub container: ContainerArg,
     /// Keep these nodes (by name) in float.
     #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
     pub exclude_nodes: Vec<String>,
@@ -124,6 +155,28 @@ pub struct ImageArgs {
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum MethodArg {
     Minmax,
+    Percentile,
+    Entropy,
+    Mse,
+    Lapq,
+}
+
+impl From<MethodArg> for Method {
+    fn from(m: MethodArg) -> Method {
+        match m {
+            MethodArg::Minmax => Method::MinMax,
+            MethodArg::Percentile => Method::Percentile,
+            MethodArg::Entropy => Method::Entropy,
+            MethodArg::Mse => Method::Mse,
+            MethodArg::Lapq => Method::Lapq,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ContainerArg {
+    Int8,
+    Int4,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -133,9 +186,8 @@ pub enum LayoutArg {
 }
 
 impl PlanArgs {
-    pub fn to_config(&self, method: Method) -> QuantConfig {
+    pub fn to_config(&self) -> QuantConfig {
         QuantConfig {
-            method,
             per_channel: !self.per_tensor,
             weight_bits: self.wbits,
             act_bits: self.abits,
@@ -143,6 +195,11 @@ impl PlanArgs {
             exclude_op_types: self.exclude_op_types.clone(),
             float_first_layer: self.float_first_layer,
             float_last_layer: self.float_last_layer,
+            container: match self.container {
+                ContainerArg::Int8 => Container::Int8,
+                ContainerArg::Int4 => Container::Int4,
+            },
+            ..QuantConfig::default()
         }
     }
 }
@@ -150,13 +207,46 @@ impl PlanArgs {
 impl QuantizeArgs {
     /// The library job this command describes.
     pub fn to_job(&self) -> Result<Job> {
-        let method = match self.method {
-            MethodArg::Minmax => Method::MinMax,
-        };
+        ensure!(
+            self.percentile > 0.0 && self.percentile <= 100.0,
+            "--percentile {} is not in (0, 100]",
+            self.percentile
+        );
+        ensure!(
+            self.lp.is_finite() && self.lp >= 1.0,
+            "--lp {} must be at least 1",
+            self.lp
+        );
+        let weight_method = self.weight_method.unwrap_or(match self.method {
+            MethodArg::Percentile | MethodArg::Entropy => MethodArg::Minmax,
+            m => m,
+        });
+        ensure!(
+            matches!(self.method, MethodArg::Lapq)
+                == (matches!(weight_method, MethodArg::Lapq)
+                    && matches!(self.act_method.unwrap_or(self.method), MethodArg::Lapq)),
+            "lapq calibrates weights and activations jointly: use --method lapq without \
+             --weight-method/--act-method"
+        );
+        ensure!(
+            !matches!(weight_method, MethodArg::Entropy),
+            "--weight-method entropy: entropy is an activation method (it needs a histogram of many \
+             values per range); use minmax, percentile or mse for weights"
+        );
         Ok(Job {
             model: self.model.clone(),
             output: self.output.clone(),
-            quant: self.plan.to_config(method),
+            quant: QuantConfig {
+                weight_method: weight_method.into(),
+                act_method: self.act_method.unwrap_or(self.method).into(),
+                percentile: self.percentile,
+                lp: self.lp,
+                max_iters: self.max_iters,
+                max_evals: self.max_evals,
+                lapq_samples: self.lapq_samples,
+                lapq_8bit: self.lapq_8bit,
+                ..self.plan.to_config()
+            },
             data: DataConfig {
                 path: self.calib.clone(),
                 max_samples: self.max_samples,

@@ -9,15 +9,54 @@ use serde::Serialize;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Method {
-    /// Observed minimum and maximum over the calibration data.
+    /// Observed minimum and maximum over the calibration data (weights: the exact range).
     #[default]
     MinMax,
+    /// A percentile of |x| (`QuantConfig::percentile`), as ONNX Runtime's symmetric percentile method.
+    Percentile,
+    /// Minimal KL divergence between a histogram and its quantized form (TensorRT, ONNX Runtime).
+    Entropy,
+    /// Minimal mean `|Q(x) - x|^p` (`QuantConfig::lp`; p = 2 is MMSE): histograms for activations, the
+    /// exact values for weights.
+    Mse,
+    /// LAPQ: Lp initialisation at the p the loss prefers, then Powell's joint search of the clipping
+    /// values of every site below 8 bits against the network's loss (weights and activations).
+    Lapq,
+}
+
+/// How codes of grids narrower than 8 bits are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Container {
+    /// int8/uint8 tensors holding values of the narrow grid; activations get a Clip before their
+    /// QuantizeLinear so that its saturation lands on the narrow grid. Loads in every runtime.
+    #[default]
+    Int8,
+    /// Native INT4/UINT4 tensors for grids of at most 4 bits (opset 21).
+    Int4,
 }
 
 /// What to quantize and how.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct QuantConfig {
-    pub method: Method,
+    /// How weight ranges are chosen.
+    pub weight_method: Method,
+    /// How activation ranges are chosen.
+    pub act_method: Method,
+    /// The percentile of `Method::Percentile`, in (0, 100].
+    pub percentile: f64,
+    /// The norm of `Method::Mse`, at least 1.
+    pub lp: f64,
+    /// Storage of sub-8-bit codes.
+    pub container: Container,
+    /// LAPQ: sweeps of Powell's search at most.
+    pub max_iters: usize,
+    /// LAPQ: loss evaluations of Powell's search at most.
+    pub max_evals: usize,
+    /// LAPQ: calibration samples in the loss (the first ones of the calibration set).
+    pub lapq_samples: usize,
+    /// LAPQ: also optimise sites of 8 bits (by default they keep their Lp initialisation).
+    pub lapq_8bit: bool,
     /// Per-channel weight parameters (otherwise one scale per weight tensor).
     pub per_channel: bool,
     /// Weight bit width (2 to 8): signed symmetric codes in [-(2^(b-1) - 1), 2^(b-1) - 1].
@@ -38,7 +77,15 @@ pub struct QuantConfig {
 impl Default for QuantConfig {
     fn default() -> Self {
         QuantConfig {
-            method: Method::MinMax,
+            weight_method: Method::MinMax,
+            act_method: Method::MinMax,
+            percentile: 99.99,
+            lp: 2.0,
+            container: Container::Int8,
+            max_iters: 2,
+            max_evals: 2000,
+            lapq_samples: 64,
+            lapq_8bit: false,
             per_channel: true,
             weight_bits: 8,
             act_bits: 8,

@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod export;
 pub mod ir;
+pub mod joint;
 pub mod onnx;
 pub mod oracle;
 pub mod report;
@@ -26,17 +27,19 @@ use report::{Report, Timings};
 pub fn quantize(job: &Job) -> Result<Report> {
     let mut c = calibrate(job)?;
     let index = GraphIndex::new(&c.model)?;
-    let qdq = export::qdq_model(&index, &c.plan, &c.params)?;
+    let qdq = export::qdq_model(&index, &c.plan, &c.params, job.quant.container)?;
     onnx::write_model(&qdq, &job.output, c.external_data)?;
     c.timings.lap("export");
-    Ok(Report::new(
+    let mut report = Report::new(
         job,
         &c.plan,
         &c.params,
         &c.stats,
         c.samples.len(),
         c.timings,
-    ))
+    );
+    report.lapq = c.lapq;
+    Ok(report)
 }
 
 /// A calibrated run, before export: everything the later stages (export, oracle, report) need.
@@ -50,6 +53,8 @@ pub struct Calibrated {
     pub stats: Vec<Option<RangeStats>>,
     pub samples: Vec<data::Sample>,
     pub timings: Timings,
+    /// What LAPQ did, when it ran.
+    pub lapq: Option<joint::LapqReport>,
 }
 
 /// The stages up to calibration: read, index, plan, data, statistics, calibrate.
@@ -66,10 +71,10 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
     timings.lap("data");
     let stats = observe_ranges(&model, &plan, &samples, job.progress)?;
     timings.lap("statistics");
-    let params = calibrate_minmax(&index, &plan, &stats)?;
+    let params = calibrate_params(&index, &plan, &stats, &job.quant)?;
     timings.lap("calibrate");
     drop(index);
-    Ok(Calibrated {
+    let mut c = Calibrated {
         model,
         external_data,
         plan,
@@ -77,7 +82,15 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         stats,
         samples,
         timings,
-    })
+        lapq: None,
+    };
+    if job.quant.act_method == config::Method::Lapq {
+        let (params, report) = joint::lapq(&c, &job.quant, job.progress)?;
+        c.params = params;
+        c.lapq = Some(report);
+        c.timings.lap("lapq");
+    }
+    Ok(c)
 }
 
 /// Builds the loss oracle of a calibrated run over `samples` (batches of `batch` samples).
@@ -194,18 +207,51 @@ fn observe_ranges(
     Ok(stats)
 }
 
-/// MinMax parameters for every site; biases get int32 parameters after the overflow guard has enlarged
-/// any weight scale that needs it.
-fn calibrate_minmax(
+/// The clipping method a configured method stands for.
+fn clipping(method: config::Method, config: &QuantConfig) -> calib::Clipping {
+    match method {
+        config::Method::MinMax => calib::Clipping::MinMax,
+        config::Method::Percentile => calib::Clipping::Percentile(config.percentile),
+        config::Method::Entropy => calib::Clipping::Entropy,
+        config::Method::Mse => calib::Clipping::Lp(config.lp),
+        // LAPQ starts from MinMax parameters (its oracle's reference) and replaces them.
+        config::Method::Lapq => calib::Clipping::MinMax,
+    }
+}
+
+/// Parameters for every site by the configured methods; biases get int32 parameters after the overflow
+/// guard has enlarged any weight scale that needs it.
+fn calibrate_params(
     index: &GraphIndex,
     plan: &QuantPlan,
     stats: &[Option<RangeStats>],
+    config: &QuantConfig,
 ) -> Result<Params> {
+    ensure!(
+        config.weight_method != config::Method::Entropy,
+        "entropy is an activation method; weights use minmax, percentile or mse"
+    );
+    let act_clip = clipping(config.act_method, config);
+    let weight_clip = clipping(config.weight_method, config);
     let mut activations: Vec<QParams> = Vec::with_capacity(plan.activations.len());
     for (i, site) in plan.activations.iter().enumerate() {
         let p = match (&site.range, &stats[i]) {
             (RangeSource::Observed(_), Some(s)) if s.count > 0 => {
-                QParams::per_tensor(site.grid, s.min, s.max)
+                // Clipping a graph output cuts exactly its extreme values: a classifier's top logits.
+                let clip = if index.is_graph_output(&site.tensor) {
+                    calib::Clipping::MinMax
+                } else {
+                    act_clip
+                };
+                let (lo, hi) = match clip {
+                    calib::Clipping::MinMax => (s.min, s.max),
+                    how => calib::clipped_range(
+                        s.min,
+                        s.max,
+                        calib::alpha_from_histogram(&s.hist, site.grid, how),
+                    ),
+                };
+                QParams::per_tensor(site.grid, lo, hi)
             }
             (RangeSource::Observed(t), _) => {
                 Err(anyhow::anyhow!("tensor '{t}' was not observed as float32"))
@@ -221,15 +267,26 @@ fn calibrate_minmax(
             .constant(&site.tensor)
             .context("weight is a constant")?
             .tensor();
-        let p = calib::weight_minmax(
+        let p = calib::weight_params(
             site.grid,
             &onnx::tensor_f32(t)?,
             &onnx::tensor_dims(t)?,
             site.axis,
+            weight_clip,
         );
         weights.push(p.with_context(|| format!("weight '{}'", site.tensor))?);
     }
-    let mut bias_values = Vec::with_capacity(plan.biases.len());
+    with_biases(index, plan, activations, weights)
+}
+
+/// Completes activation and weight parameters with int32 bias parameters, after the overflow guard
+/// has enlarged any weight scale that needs it.
+pub(crate) fn with_biases(
+    index: &GraphIndex,
+    plan: &QuantPlan,
+    activations: Vec<QParams>,
+    mut weights: Vec<QParams>,
+) -> Result<Params> {
     for b in &plan.biases {
         let t = index
             .constant(&b.tensor)
@@ -244,7 +301,6 @@ fn calibrate_minmax(
             &mut weights[b.weight].scale,
             &values,
         );
-        bias_values.push(values);
     }
     let biases = plan
         .biases

@@ -33,6 +33,9 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             let report = lapq::quantize(&job)?;
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
             if let Some(path) = &args.report {
                 cli::write_text(path, &serde_json::to_string_pretty(&report)?)?;
             }
@@ -41,7 +44,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Inspect(args) => {
-            let plan = lapq::inspect(&args.model, &args.plan.to_config(Default::default()))?;
+            let plan = lapq::inspect(&args.model, &args.plan.to_config())?;
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&plan)?);
             } else {

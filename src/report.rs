@@ -89,6 +89,10 @@ pub struct Report {
     pub weights: Vec<ConstantEntry>,
     pub biases: Vec<ConstantEntry>,
     pub skipped: Vec<SkippedNode>,
+    /// Forms that will not fuse into integer kernels in ONNX Runtime.
+    pub warnings: Vec<String>,
+    /// What LAPQ did (the p grid and its losses, p*, Powell's sweeps, evaluations, time per stage).
+    pub lapq: Option<crate::joint::LapqReport>,
     pub timings: Timings,
 }
 
@@ -134,7 +138,10 @@ impl Report {
         Report {
             model: job.model.display().to_string(),
             output: job.output.display().to_string(),
-            method: format!("{:?}", job.quant.method).to_lowercase(),
+            method: match (job.quant.weight_method, job.quant.act_method) {
+                (w, a) if w == a => format!("{w:?}").to_lowercase(),
+                (w, a) => format!("weights {w:?}, activations {a:?}").to_lowercase(),
+            },
             config: job.quant.clone(),
             calibration_samples: samples,
             nodes_quantized: count(|d| matches!(d, Decision::Quantized)),
@@ -154,6 +161,8 @@ impl Report {
                 .map(|(s, p)| constant(&s.name, p))
                 .collect(),
             skipped: skipped_nodes(plan),
+            warnings: crate::export::fusion_warnings(params, job.quant.container),
+            lapq: None,
             timings,
         }
     }

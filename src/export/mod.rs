@@ -9,14 +9,21 @@ use std::collections::{HashMap, HashSet};
 use anyhow::{Context, Result, ensure};
 
 use crate::calib::{Params, QParams, quantize_bias};
+use crate::config::Container;
 use crate::ir::{ConstSource, GraphIndex, QuantPlan, RangeSource};
 use crate::onnx::{
     self, AttributeProto, ModelProto, NodeProto, TensorData, TensorProto, make_tensor, tensor_dims,
     tensor_f32,
 };
 
-/// Builds the QDQ model. `params` is aligned with the plan's sites.
-pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Result<ModelProto> {
+/// Builds the QDQ model. `params` is aligned with the plan's sites; `container` says how codes of
+/// grids narrower than 8 bits are stored.
+pub fn qdq_model(
+    index: &GraphIndex,
+    plan: &QuantPlan,
+    params: &Params,
+    container: Container,
+) -> Result<ModelProto> {
     ensure!(
         params.activations.len() == plan.activations.len()
             && params.weights.len() == plan.weights.len()
@@ -59,8 +66,8 @@ pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Resul
             names.fresh(&format!("{w}_scale")),
             names.fresh(&format!("{w}_zero_point")),
         );
-        new_inits.push(make_tensor(&q, &dims, codes_data(p, &codes)));
-        new_inits.extend(scale_zp(&scale, &zp, p));
+        new_inits.push(make_tensor(&q, &dims, codes_data(p, container, &codes)));
+        new_inits.extend(scale_zp(&scale, &zp, p, container));
         let dq_out = names.fresh(&format!("{w}_DequantizeLinear_Output"));
         head.push(qdq_node(
             "DequantizeLinear",
@@ -99,7 +106,7 @@ pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Resul
             &[values.len()],
             TensorData::I32(quantize_bias(&values, p)),
         ));
-        new_inits.extend(scale_zp(&scale, &zp, p));
+        new_inits.extend(scale_zp(&scale, &zp, p, container));
         head.push(qdq_node(
             "DequantizeLinear",
             &names.fresh(&format!("{b}_DequantizeLinear")),
@@ -129,7 +136,7 @@ pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Resul
                     names.fresh(&format!("{t}_scale")),
                     names.fresh(&format!("{t}_zero_point")),
                 );
-                new_inits.extend(scale_zp(&names.0, &names.1, p));
+                new_inits.extend(scale_zp(&names.0, &names.1, p, container));
                 names
             }
         };
@@ -147,7 +154,7 @@ pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Resul
         let mut pair = vec![];
         // A grid narrower than its 8-bit container: clip first, so QuantizeLinear's saturation lands
         // on the narrow grid's ends.
-        let q_in = if p.grid.bits < 8 {
+        let q_in = if p.grid.bits < container_bits(p, container) {
             let (lo, hi) = (
                 (p.grid.qmin() - p.zero_point[0]) as f32 * p.scale[0],
                 (p.grid.qmax() - p.zero_point[0]) as f32 * p.scale[0],
@@ -252,10 +259,52 @@ pub fn qdq_model(index: &GraphIndex, plan: &QuantPlan, params: &Params) -> Resul
         .cloned()
         .collect();
     graph.value_info.retain(|vi| live.contains(vi.name()));
-    let needs = if plan.has_per_channel() { 13 } else { 10 };
-    opset::raise_default_opset(&mut model, needs)?;
+    // Constants only the removed (folded) nodes read, e.g. a folded Clip's bounds.
+    graph.initializer.retain(|t| live.contains(t.name()));
+    let native_int4 = params
+        .activations
+        .iter()
+        .chain(&params.weights)
+        .any(|p| container_bits(p, container) == 4);
+    let (needs, why) = match (native_int4, plan.has_per_channel()) {
+        (true, _) => (21, "INT4 tensors"),
+        (false, true) => (13, "per-channel quantization"),
+        (false, false) => (10, "QuantizeLinear"),
+    };
+    opset::raise_default_opset(&mut model, needs, why)?;
     GraphIndex::new(&model).context("internal: the exported graph is malformed")?;
     Ok(model)
+}
+
+/// Forms in the exported model that ONNX Runtime's CPU provider (1.31) will not fuse into integer
+/// kernels, one sentence each (empty when everything quantized can fuse).
+pub fn fusion_warnings(params: &Params, container: Container) -> Vec<String> {
+    let mut warnings = vec![];
+    let int4 = params
+        .activations
+        .iter()
+        .chain(&params.weights)
+        .filter(|p| container_bits(p, container) == 4)
+        .count();
+    if int4 > 0 {
+        warnings.push(format!(
+            "{int4} tensors are stored as INT4/UINT4: ONNX Runtime runs them through DequantizeLinear and \
+             float kernels (no integer Conv/Gemm/MatMul on 4-bit types); use --container int8 for fused \
+             integer kernels"
+        ));
+    }
+    let clipped = params
+        .activations
+        .iter()
+        .filter(|p| p.grid.bits < container_bits(p, container))
+        .count();
+    if clipped > 0 {
+        warnings.push(format!(
+            "{clipped} activations below 8 bits carry a Clip before their QuantizeLinear: ONNX Runtime \
+             does not fuse a Clip that narrows the range, so their producers run in float"
+        ));
+    }
+    warnings
 }
 
 fn set_float_attr(node: &mut NodeProto, name: &str, value: f32) {
@@ -296,7 +345,7 @@ fn qdq_node(
 }
 
 /// Scale (float) and zero point (the grid's integer type) initializers: scalars per tensor, 1-D per channel.
-fn scale_zp(scale: &str, zp: &str, p: &QParams) -> [TensorProto; 2] {
+fn scale_zp(scale: &str, zp: &str, p: &QParams, container: Container) -> [TensorProto; 2] {
     let dims: Vec<usize> = if p.axis.is_some() {
         vec![p.scale.len()]
     } else {
@@ -304,14 +353,25 @@ fn scale_zp(scale: &str, zp: &str, p: &QParams) -> [TensorProto; 2] {
     };
     [
         make_tensor(scale, &dims, TensorData::F32(p.scale.clone())),
-        make_tensor(zp, &dims, codes_data(p, &p.zero_point)),
+        make_tensor(zp, &dims, codes_data(p, container, &p.zero_point)),
     ]
 }
 
+/// Bits of the integer type holding a grid's codes.
+fn container_bits(p: &QParams, container: Container) -> u8 {
+    match p.grid.bits {
+        32 => 32,
+        b if b <= 4 && container == Container::Int4 => 4,
+        _ => 8,
+    }
+}
+
 /// Integer codes in the grid's container type.
-fn codes_data(p: &QParams, codes: &[i64]) -> TensorData {
-    match (p.grid.bits, p.grid.signed) {
+fn codes_data(p: &QParams, container: Container, codes: &[i64]) -> TensorData {
+    match (container_bits(p, container), p.grid.signed) {
         (32, _) => TensorData::I32(codes.iter().map(|&c| c as i32).collect()),
+        (4, true) => TensorData::I4(codes.iter().map(|&c| c as i8).collect()),
+        (4, false) => TensorData::U4(codes.iter().map(|&c| c as u8).collect()),
         (_, true) => TensorData::I8(codes.iter().map(|&c| c as i8).collect()),
         (_, false) => TensorData::U8(codes.iter().map(|&c| c as u8).collect()),
     }

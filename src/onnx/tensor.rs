@@ -12,6 +12,9 @@ pub enum TensorData {
     U8(Vec<u8>),
     I32(Vec<i32>),
     I64(Vec<i64>),
+    /// 4-bit codes (in -8..=7 / 0..=15), stored packed two per byte, the first in the low nibble.
+    I4(Vec<i8>),
+    U4(Vec<u8>),
 }
 
 impl TensorData {
@@ -21,6 +24,8 @@ impl TensorData {
             TensorData::I8(v) => v.len(),
             TensorData::U8(v) => v.len(),
             TensorData::I32(v) => v.len(),
+            TensorData::I4(v) => v.len(),
+            TensorData::U4(v) => v.len(),
             TensorData::I64(v) => v.len(),
         }
     }
@@ -50,6 +55,8 @@ pub fn make_tensor(name: &str, dims: &[usize], data: TensorData) -> TensorProto 
             DataType::Int64,
             v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         ),
+        TensorData::I4(v) => (DataType::Int4, pack_nibbles(v.iter().map(|&x| x as u8))),
+        TensorData::U4(v) => (DataType::Uint4, pack_nibbles(v.into_iter())),
     };
     TensorProto {
         name: Some(name.to_string()),
@@ -58,6 +65,15 @@ pub fn make_tensor(name: &str, dims: &[usize], data: TensorData) -> TensorProto 
         raw_data: Some(raw),
         ..Default::default()
     }
+}
+
+/// Two 4-bit values per byte, the first in the low nibble (ONNX's INT4/UINT4 layout).
+fn pack_nibbles(values: impl Iterator<Item = u8>) -> Vec<u8> {
+    let values: Vec<u8> = values.collect();
+    values
+        .chunks(2)
+        .map(|pair| (pair[0] & 0x0f) | (pair.get(1).copied().unwrap_or(0) << 4))
+        .collect()
 }
 
 /// The tensor's dimensions; an error for negative dimensions.

@@ -5,7 +5,7 @@
 
 mod quant;
 
-pub use quant::{BiasSite, QuantModel, SampleOutputs, Sites, Tail, plans_built};
+pub use quant::{BiasSite, Observer, QuantModel, SampleOutputs, Sites, Tail};
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -47,7 +47,7 @@ impl FloatModel {
             model.set_output_fact(k, InferenceFact::default())?;
         }
         Ok(FloatModel {
-            plans: Plans::new(model),
+            plans: Plans::new(model, Default::default()),
             taps: tap_ix,
         })
     }
@@ -173,13 +173,18 @@ fn find_outlet(model: &InferenceModel, name: &str) -> Result<OutletId> {
 /// gets one plan per shape seen).
 struct Plans {
     template: InferenceModel,
+    builds: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     cache: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
 }
 
 impl Plans {
-    fn new(template: InferenceModel) -> Plans {
+    fn new(
+        template: InferenceModel,
+        builds: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) -> Plans {
         Plans {
             template,
+            builds,
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -204,7 +209,8 @@ impl Plans {
         let plan = optimized
             .into_runnable()
             .map_err(|e| anyhow!("tract cannot plan the model for input shapes {key:?}: {e:#}"))?;
-        quant::count_build();
+        self.builds
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         cache.insert(key, plan.clone());
         Ok(plan)
     }
@@ -289,6 +295,29 @@ impl Oracle {
     pub fn loss(&self, params: &crate::calib::Params) -> Result<f64> {
         let outputs = self.outputs(params)?;
         Ok(self.loss_of(&outputs))
+    }
+
+    /// LAPQ's layer-wise pass: the first `n` samples as one batch, each activation site's parameters
+    /// chosen by `observer` from its input with everything upstream already quantized.
+    pub fn calibrate_sequentially(
+        &self,
+        params: &crate::calib::Params,
+        n: usize,
+        observer: std::sync::Arc<Observer>,
+    ) -> Result<crate::calib::Params> {
+        let n = n.clamp(1, self.samples.len().max(1));
+        self.model
+            .calibrate_sequentially(params, &self.samples[..n], observer)
+    }
+
+    /// Number of calibration samples.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Whether there are no samples.
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
     }
 
     /// Prepares cheap evaluations of parameters that differ from `params` at `slot` only (activation

@@ -20,18 +20,6 @@ use super::{Plans, find_outlet, load_onnx};
 use crate::calib::{self, Params, QParams};
 use crate::data::{Sample, Values};
 
-/// Number of tract plans optimized by this process (each costs a full optimization; parameter
-/// changes must never add one).
-pub fn plans_built() -> usize {
-    BUILDS.load(Ordering::SeqCst)
-}
-
-static BUILDS: AtomicUsize = AtomicUsize::new(0);
-
-pub(super) fn count_build() {
-    BUILDS.fetch_add(1, Ordering::SeqCst);
-}
-
 /// A bias fake-quantized as ONNX Runtime dequantizes it: int32, scale = input scale x weight scale.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BiasSite {
@@ -58,7 +46,6 @@ pub struct Sites {
 }
 
 /// The parameter table read by every fake-quantization op.
-#[derive(Debug)]
 struct Table {
     enabled: AtomicBool,
     activations: usize,
@@ -66,7 +53,23 @@ struct Table {
     /// Gemm's beta per bias site.
     betas: Vec<f32>,
     params: RwLock<Option<Params>>,
+    /// While set, each activation site first shows its input to the observer, which may replace the
+    /// site's parameters before they are applied (sequential calibration).
+    observer: RwLock<Option<Arc<Observer>>>,
 }
+
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("activations", &self.activations)
+            .field("weights", &self.weights)
+            .field("betas", &self.betas)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sees an activation site's input (slot, values, shape) and may return new parameters for it.
+pub type Observer = dyn Fn(usize, &[f32], &[usize]) -> Option<QParams> + Send + Sync;
 
 #[derive(Clone, Debug)]
 struct FakeQuant {
@@ -77,7 +80,7 @@ struct FakeQuant {
     layout_free: bool,
     /// Weight and bias sites: the last result and the parameters it was computed with. Their input
     /// is always the same constant, so equal parameters give an equal result.
-    cache: Option<Arc<Mutex<Option<(QParams, TValue)>>>>,
+    cache: Option<Arc<WeightCache>>,
 }
 
 impl PartialEq for FakeQuant {
@@ -91,6 +94,9 @@ impl Eq for FakeQuant {}
 impl FakeQuant {
     /// The fake-quantized `input`, from the cache when this site's parameters did not change.
     fn run(&self, input: TValue) -> Result<TValue> {
+        if self.layout_free {
+            self.observe(&input)?;
+        }
         let guard = self
             .table
             .params
@@ -118,6 +124,33 @@ impl FakeQuant {
                 Some((key.clone(), value.clone()));
         }
         Ok(value)
+    }
+
+    /// Lets the observer, if any, replace this activation site's parameters after seeing `input`.
+    fn observe(&self, input: &TValue) -> Result<()> {
+        let observer = self
+            .table
+            .observer
+            .read()
+            .map_err(|_| anyhow!("observer poisoned"))?
+            .clone();
+        let Some(observer) = observer else {
+            return Ok(());
+        };
+        let view = input.try_as_plain_ram()?;
+        let Some(p) = observer(self.slot, view.as_slice::<f32>()?, input.shape()) else {
+            return Ok(());
+        };
+        let mut params = self
+            .table
+            .params
+            .write()
+            .map_err(|_| anyhow!("parameter table poisoned"))?;
+        let params = params
+            .as_mut()
+            .context("quantization parameters were never set")?;
+        params.activations[self.slot] = p;
+        Ok(())
     }
 
     fn slot_params<'p>(&self, params: &'p Params) -> &'p QParams {
@@ -209,6 +242,12 @@ impl TypedOp for FakeQuant {
     as_op!();
 }
 
+/// The last result of a weight or bias site and the parameters it was computed with.
+type WeightCache = Mutex<Option<(QParams, TValue)>>;
+
+/// The last inputs of a memoized node and its outputs for them.
+type MemoCache = Mutex<Option<(TVec<TValue>, TVec<TValue>)>>;
+
 /// Wraps an optimized node whose inputs are all constants or derived from weight and bias sites
 /// (tract's kernel reshapes and packing): evaluates it again only when one of those inputs changed.
 /// Inputs are compared by identity: the weight sites hand out the same `Arc` while their parameters
@@ -216,7 +255,7 @@ impl TypedOp for FakeQuant {
 #[derive(Clone, Debug)]
 struct Memo {
     inner: Box<dyn TypedOp>,
-    cache: Arc<Mutex<Option<(TVec<TValue>, TVec<TValue>)>>>,
+    cache: Arc<MemoCache>,
 }
 
 impl PartialEq for Memo {
@@ -335,6 +374,8 @@ pub type SampleOutputs = Vec<(Vec<usize>, Vec<f32>)>;
 /// The quantized network, built once.
 pub struct QuantModel {
     plans: Plans,
+    /// Plans optimized for this model, its heads and tails.
+    builds: Arc<AtomicUsize>,
     table: Arc<Table>,
     /// The fake-quantization node of each slot in the prepared model.
     fq_nodes: Vec<usize>,
@@ -350,6 +391,7 @@ impl QuantModel {
             weights: sites.weights.len(),
             betas: sites.biases.iter().map(|b| b.beta).collect(),
             params: RwLock::new(None),
+            observer: RwLock::new(None),
         });
         let activations = sites.activations.len();
         let op = |slot: usize| {
@@ -403,11 +445,19 @@ impl QuantModel {
         for k in 0..model.output_outlets()?.len() {
             model.set_output_fact(k, InferenceFact::default())?;
         }
+        let builds = Arc::new(AtomicUsize::new(0));
         Ok(QuantModel {
-            plans: Plans::new(model),
+            plans: Plans::new(model, builds.clone()),
+            builds,
             table,
             fq_nodes,
         })
+    }
+
+    /// Number of tract plans optimized for this model so far (each costs a full optimization; parameter
+    /// changes must never add one).
+    pub fn plans_built(&self) -> usize {
+        self.builds.load(Ordering::SeqCst)
     }
 
     /// Sets the parameters every later run uses. Never rebuilds anything.
@@ -424,6 +474,43 @@ impl QuantModel {
             .write()
             .map_err(|_| anyhow!("parameter table poisoned"))? = Some(params.clone());
         Ok(())
+    }
+
+    /// Runs `samples` as one batch, in order on this thread, starting from `params`: every activation
+    /// site shows its input (computed with every upstream site already quantized with the parameters
+    /// the observer chose) to `observer`, which may choose new parameters for it. Returns the
+    /// parameters after the pass.
+    pub fn calibrate_sequentially(
+        &self,
+        params: &Params,
+        samples: &[Sample],
+        observer: Arc<Observer>,
+    ) -> Result<Params> {
+        self.set_params(params)?;
+        *self
+            .table
+            .observer
+            .write()
+            .map_err(|_| anyhow!("observer poisoned"))? = Some(observer);
+        let result = (|| {
+            let (facts, inputs, _) = batch_inputs(samples)?;
+            self.plans
+                .get(&facts)?
+                .run(inputs)
+                .map_err(|e| anyhow!("running the quantized model: {e:#}"))
+        })();
+        *self
+            .table
+            .observer
+            .write()
+            .map_err(|_| anyhow!("observer poisoned"))? = None;
+        result?;
+        self.table
+            .params
+            .read()
+            .map_err(|_| anyhow!("parameter table poisoned"))?
+            .clone()
+            .context("quantization parameters were never set")
     }
 
     /// With `false`, every fake quantization passes its input through: the float network.
@@ -520,7 +607,7 @@ impl QuantModel {
         for k in 0..head_outputs.len() {
             head.set_output_fact(k, InferenceFact::default())?;
         }
-        let head = Plans::new(head);
+        let head = Plans::new(head, self.builds.clone());
         let groups = batches(samples, batch.max(1));
         let cache = par_map(&groups, |range| {
             let (facts, inputs, rows) = batch_inputs(&samples[range.clone()])?;
@@ -537,7 +624,7 @@ impl QuantModel {
             ))
         })?;
         let tail = Tail {
-            plans: Plans::new(tail),
+            plans: Plans::new(tail, self.builds.clone()),
             cache,
         };
         for (values, _) in &tail.cache {

@@ -4,6 +4,7 @@ mod cli_errors;
 mod data;
 mod effnet;
 mod fixtures;
+mod lapq;
 mod onnx_io;
 mod oracle;
 

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use lapq::config::{DataConfig, ImageConfig, Job, QuantConfig};
+use lapq::config::{Container, DataConfig, ImageConfig, Job, Method, QuantConfig};
 
 use crate::{fixture, python, root, tempdir};
 
@@ -37,7 +37,8 @@ fn job(name: &str, out: &Path, per_channel: bool, weight_bits: u8, act_bits: u8)
 
 /// ONNX Runtime's outputs of `model` on `data` (as `ort_outputs.py` saves them), flattened per output.
 pub fn ort_outputs(model: &Path, data: &Path, level: &str) -> Vec<Vec<f32>> {
-    let out = model.with_extension("ort.npz");
+    let dir = tempdir();
+    let out = dir.path().join("ort.npz");
     let o = Command::new(python())
         .arg(root().join("scripts/ort_outputs.py"))
         .args([
@@ -123,24 +124,34 @@ fn oracle_matches_onnx_runtime_unfused_on_fixtures() {
         "constant_nodes",
         "unsupported_op",
     ] {
-        for (per_channel, wbits, abits) in [
-            (true, 8, 8),
-            (false, 8, 8),
-            (true, 4, 8),
-            (true, 4, 4),
-            (false, 4, 4),
+        for (per_channel, wbits, abits, container, method) in [
+            (true, 8, 8, Container::Int8, Method::MinMax),
+            (false, 8, 8, Container::Int8, Method::Entropy),
+            (true, 4, 8, Container::Int8, Method::Mse),
+            (true, 4, 4, Container::Int8, Method::Percentile),
+            (false, 4, 4, Container::Int8, Method::MinMax),
+            (true, 4, 8, Container::Int4, Method::MinMax),
+            (false, 4, 4, Container::Int4, Method::Mse),
         ] {
-            let out = dir
-                .path()
-                .join(format!("{name}_{per_channel}_w{wbits}a{abits}.onnx"));
-            let j = job(name, &out, per_channel, wbits, abits);
+            let out = dir.path().join(format!(
+                "{name}_{per_channel}_w{wbits}a{abits}_{container:?}_{method:?}.onnx"
+            ));
+            let mut j = job(name, &out, per_channel, wbits, abits);
+            j.quant.container = container;
+            j.quant.act_method = method;
+            j.quant.weight_method = match method {
+                Method::Entropy => Method::MinMax,
+                m => m,
+            };
             lapq::quantize(&j).unwrap();
             let c = lapq::calibrate(&j).unwrap();
             let oracle = lapq::oracle(&c, c.samples.clone(), 4).unwrap();
             let ours = oracle.outputs(&c.params).unwrap();
             let ort = ort_outputs(&out, &j.data.path, "disabled");
             assert_fidelity(
-                &format!("{name} per_channel={per_channel}"),
+                &format!(
+                    "{name} per_channel={per_channel} w{wbits}a{abits} {container:?} {method:?}"
+                ),
                 &gap(&ours, &ort, &output_steps(&c)),
             );
         }
@@ -154,7 +165,7 @@ fn changing_parameters_never_rebuilds() {
     let c = lapq::calibrate(&j).unwrap();
     let oracle = lapq::oracle(&c, c.samples.clone(), 16).unwrap();
     let first = oracle.loss(&c.params).unwrap();
-    let built = lapq::oracle::plans_built();
+    let built = oracle.model().plans_built();
     let mut coarse = c.params.clone();
     for p in &mut coarse.activations {
         p.scale.iter_mut().for_each(|s| *s *= 8.0);
@@ -162,7 +173,7 @@ fn changing_parameters_never_rebuilds() {
     let second = oracle.loss(&coarse).unwrap();
     let third = oracle.loss(&c.params).unwrap();
     assert_eq!(
-        lapq::oracle::plans_built(),
+        oracle.model().plans_built(),
         built,
         "a parameter change rebuilt the model"
     );
@@ -183,9 +194,10 @@ fn single_site_tails_give_the_full_network_loss() {
         let oracle = lapq::oracle(&c, c.samples.clone(), 4).unwrap();
         let (acts, weights) = (c.params.activations.len(), c.params.weights.len());
         let slots = acts + weights + c.params.biases.len();
+        let base = oracle.loss(&c.params).unwrap();
         for slot in 0..slots {
             let tail = oracle.focus(slot, &c.params).unwrap();
-            let built = lapq::oracle::plans_built();
+            let built = oracle.model().plans_built();
             for factor in [0.5f32, 1.7] {
                 let mut p = c.params.clone();
                 let q = if slot < acts {
@@ -199,9 +211,16 @@ fn single_site_tails_give_the_full_network_loss() {
                 let fast = oracle.loss_in(&tail, &p).unwrap();
                 let full = oracle.loss(&p).unwrap();
                 assert_eq!(fast, full, "{name} slot {slot} x{factor}");
+                // Cached weight values and tract's packed kernels follow the change.
+                if slot < acts + weights {
+                    assert_ne!(
+                        full, base,
+                        "{name} slot {slot} x{factor}: the change had no effect"
+                    );
+                }
             }
             assert_eq!(
-                lapq::oracle::plans_built(),
+                oracle.model().plans_built(),
                 built,
                 "{name} slot {slot}: evaluations rebuilt a plan"
             );

@@ -1,0 +1,394 @@
+//! LAPQ, loss-aware post-training quantization: layer-wise Lp initialisation, the quadratic fit over
+//! p, and Powell's joint search over clipping values, with the oracle as the loss. The maths lives in
+//! `calib`; this module maps between its vectors and the plan's sites.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use crate::Calibrated;
+use crate::calib::{
+    self, Clipping, Histogram, Objective, PFit, Params, PowellConfig, PowellResult, QParams,
+};
+use crate::config::QuantConfig;
+use crate::ir::{GraphIndex, QuantPlan, RangeSource};
+use crate::onnx;
+use crate::oracle::{Oracle, Tail};
+
+/// Values of p measured for the quadratic fit (evenly spaced in [2, 4], as the authors do).
+const P_POINTS: usize = 10;
+const P_RANGE: (f64, f64) = (2.0, 4.0);
+
+/// What a LAPQ run did, stage by stage.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct LapqReport {
+    /// Calibration samples in the loss.
+    pub samples: usize,
+    /// Loss with MinMax parameters (the baseline).
+    pub minmax_loss: f64,
+    /// The p grid and the loss after layer-wise Lp initialisation at each p.
+    pub p_grid: Vec<f64>,
+    pub p_losses: Vec<f64>,
+    pub fit: PFit,
+    /// Loss after Lp initialisation at p* (or at the best grid p, whichever was lower).
+    pub init_loss: f64,
+    /// The p the joint search started from.
+    pub p_used: f64,
+    /// Tensors whose clipping value Powell's search optimised.
+    pub optimised: Vec<String>,
+    pub powell: Option<PowellResult>,
+    pub final_loss: f64,
+    /// Loss evaluations in all.
+    pub evaluations: usize,
+    /// Seconds per stage.
+    pub seconds: BTreeMap<String, f64>,
+}
+
+/// Runs LAPQ from a calibrated run (its MinMax parameters and statistics) and returns the parameters
+/// it found with what it did.
+pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Params, LapqReport)> {
+    let index = GraphIndex::new(&c.model)?;
+    let mut seconds = BTreeMap::new();
+    let mut t = Instant::now();
+    let mut lap = |name: &str, seconds: &mut BTreeMap<String, f64>| {
+        seconds.insert(name.to_string(), t.elapsed().as_secs_f64());
+        t = Instant::now();
+    };
+    let n = config.lapq_samples.clamp(1, c.samples.len().max(1));
+    let oracle = crate::oracle(c, c.samples[..n].to_vec(), 1)?;
+    let weights = WeightValues::read(&index, &c.plan)?;
+    lap("oracle", &mut seconds);
+
+    let coords = coordinates(&c.plan, config);
+    let bar = bar(
+        P_POINTS + 2 + coords.len() * 12 * config.max_iters,
+        progress,
+    );
+    let mut evals = 0;
+    let mut eval = |oracle: &Oracle, p: &Params| -> Result<f64> {
+        evals += 1;
+        bar.inc(1);
+        oracle.loss(p)
+    };
+    let minmax_loss = eval(&oracle, &c.params)?;
+    bar.set_message(format!("loss {minmax_loss:.4} (minmax)"));
+
+    let p_grid = calib::p_grid(P_RANGE.0, P_RANGE.1, P_POINTS);
+    let mut inits = vec![];
+    let mut p_losses = vec![];
+    for &p in &p_grid {
+        let params = lp_init(&oracle, &index, &c.plan, &weights, p, &c.params)?;
+        let loss = eval(&oracle, &params)?;
+        bar.set_message(format!(
+            "p {p:.2}: loss {loss:.4} (minmax {minmax_loss:.4})"
+        ));
+        p_losses.push(loss);
+        inits.push(params);
+    }
+    let fit = calib::fit_p(&p_grid, &p_losses);
+    let (mut p_used, mut init_loss, mut init) = p_grid
+        .iter()
+        .zip(&p_losses)
+        .zip(&inits)
+        .min_by(|a, b| a.0.1.total_cmp(b.0.1))
+        .map(|((&p, &l), params)| (p, l, params.clone()))
+        .context("empty p grid")?;
+    if !fit.guarded {
+        let params = lp_init(&oracle, &index, &c.plan, &weights, fit.p_star, &c.params)?;
+        let loss = eval(&oracle, &params)?;
+        if loss < init_loss {
+            (p_used, init_loss, init) = (fit.p_star, loss, params);
+        }
+    }
+    lap("lp init and p fit", &mut seconds);
+
+    let optimised: Vec<String> = coords.iter().map(|k| k.name(&c.plan)).collect();
+    let (powell, params, final_loss) = if coords.is_empty() {
+        (None, init, init_loss)
+    } else {
+        let map = Mapping {
+            index: &index,
+            plan: &c.plan,
+            base: init.clone(),
+            ceiling: &c.params,
+            coords: coords.clone(),
+        };
+        let mut objective = LossFn {
+            oracle: &oracle,
+            map: &map,
+            tail: None,
+            bar: &bar,
+            start: init_loss,
+        };
+        let settings = PowellConfig {
+            max_iters: config.max_iters,
+            max_evals: config.max_evals,
+            ..PowellConfig::default()
+        };
+        let x0 = vec![1.0; coords.len()];
+        let result = calib::powell(&mut objective, &x0, &settings, |_, _| ())?;
+        let params = map.params(&result.x)?;
+        let loss = result.loss;
+        (Some(result), params, loss)
+    };
+    evals += powell.as_ref().map_or(0, |r| r.evals);
+    lap("powell", &mut seconds);
+    bar.finish_and_clear();
+    Ok((
+        params,
+        LapqReport {
+            samples: n,
+            minmax_loss,
+            p_grid,
+            p_losses,
+            fit,
+            init_loss,
+            p_used,
+            optimised,
+            powell,
+            final_loss,
+            evaluations: evals,
+            seconds,
+        },
+    ))
+}
+
+/// One coordinate of the joint search: a multiplier on one site's clipping range.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Coord {
+    Activation(usize),
+    Weight(usize),
+}
+
+impl Coord {
+    fn name(&self, plan: &QuantPlan) -> String {
+        match *self {
+            Coord::Activation(i) => plan.activations[i].tensor.clone(),
+            Coord::Weight(w) => plan.weights[w].tensor.clone(),
+        }
+    }
+
+    /// The oracle's slot: activation sites first, then weights.
+    fn slot(&self, plan: &QuantPlan) -> usize {
+        match *self {
+            Coord::Activation(i) => i,
+            Coord::Weight(w) => plan.activations.len() + w,
+        }
+    }
+}
+
+/// The sites Powell's search moves: observed activations and weights below 8 bits (all of them with
+/// `lapq_8bit`).
+fn coordinates(plan: &QuantPlan, config: &QuantConfig) -> Vec<Coord> {
+    let low = |bits: u8| bits < 8 || config.lapq_8bit;
+    let acts = plan
+        .activations
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s.range, RangeSource::Observed(_)) && low(s.grid.bits))
+        .map(|(i, _)| Coord::Activation(i));
+    let weights = plan
+        .weights
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| low(s.grid.bits))
+        .map(|(w, _)| Coord::Weight(w));
+    acts.chain(weights).collect()
+}
+
+/// The float values of every weight site, decoded once.
+struct WeightValues(Vec<(Vec<f32>, Vec<usize>)>);
+
+impl WeightValues {
+    fn read(index: &GraphIndex, plan: &QuantPlan) -> Result<WeightValues> {
+        plan.weights
+            .iter()
+            .map(|w| {
+                let t = index
+                    .constant(&w.tensor)
+                    .with_context(|| format!("weight '{}' is not a constant", w.tensor))?
+                    .tensor();
+                Ok((onnx::tensor_f32(t)?, onnx::tensor_dims(t)?))
+            })
+            .collect::<Result<_>>()
+            .map(WeightValues)
+    }
+}
+
+/// Layer-wise Lp initialisation: weights from their exact values; activations in one pass over the
+/// first calibration samples, each chosen from its input with everything upstream already quantized.
+fn lp_init(
+    oracle: &Oracle,
+    index: &GraphIndex,
+    plan: &QuantPlan,
+    weights: &WeightValues,
+    p: f64,
+    start: &Params,
+) -> Result<Params> {
+    let weight_params = plan
+        .weights
+        .iter()
+        .zip(&weights.0)
+        .map(|(site, (values, dims))| {
+            calib::weight_params(site.grid, values, dims, site.axis, Clipping::Lp(p))
+                .with_context(|| format!("weight '{}'", site.tensor))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let with_weights = crate::with_biases(index, plan, start.activations.clone(), weight_params)?;
+    let sites: Vec<(RangeSource, calib::Grid)> = plan
+        .activations
+        .iter()
+        .map(|s| (s.range.clone(), s.grid))
+        .collect();
+    let decided: Arc<Mutex<HashMap<usize, QParams>>> = Arc::default();
+    let failed: Arc<Mutex<Option<String>>> = Arc::default();
+    let (d, f) = (decided.clone(), failed.clone());
+    let observer = Arc::new(move |slot: usize, data: &[f32], _dims: &[usize]| {
+        let (range, grid) = sites.get(slot)?;
+        let mut decided = d.lock().ok()?;
+        let p = match range {
+            RangeSource::Observed(_) => {
+                let h = Histogram::of(data);
+                let alpha = calib::alpha_from_histogram(&h, *grid, Clipping::Lp(p));
+                let (lo, hi) = calib::clipped_range(h.min.min(0.0), h.max.max(0.0), alpha);
+                match QParams::per_tensor(*grid, lo, hi) {
+                    Ok(q) => q,
+                    Err(e) => {
+                        if let Ok(mut f) = f.lock() {
+                            f.get_or_insert(format!("activation site {slot}: {e:#}"));
+                        }
+                        return None;
+                    }
+                }
+            }
+            RangeSource::SameAs(j) => decided.get(j)?.clone(),
+            RangeSource::Fixed(..) => return None,
+        };
+        decided.insert(slot, p.clone());
+        Some(p)
+    });
+    let after = oracle.calibrate_sequentially(&with_weights, 64, observer)?;
+    if let Some(e) = failed.lock().map_err(|_| anyhow!("poisoned"))?.take() {
+        anyhow::bail!(e);
+    }
+    crate::with_biases(index, plan, after.activations, with_weights.weights)
+}
+
+/// From a vector of multipliers (one per coordinate) to parameters: each coordinate's clipping range
+/// scaled from its initial value, never beyond the observed range (`ceiling`, the MinMax parameters).
+/// Beyond it a range only loses resolution, and for a folded Relu or Clip it would no longer do the
+/// clipping the removed node did.
+struct Mapping<'a, 'm> {
+    index: &'a GraphIndex<'m>,
+    plan: &'a QuantPlan,
+    base: Params,
+    ceiling: &'a Params,
+    coords: Vec<Coord>,
+}
+
+impl Mapping<'_, '_> {
+    fn params(&self, x: &[f64]) -> Result<Params> {
+        let mut acts = self.base.activations.clone();
+        let mut weights = self.base.weights.clone();
+        for (coord, &m) in self.coords.iter().zip(x) {
+            match *coord {
+                Coord::Activation(i) => {
+                    acts[i] = scaled(&acts[i], m, &self.ceiling.activations[i])?
+                }
+                Coord::Weight(w) => weights[w] = scaled(&weights[w], m, &self.ceiling.weights[w])?,
+            }
+        }
+        for (i, site) in self.plan.activations.iter().enumerate() {
+            if let RangeSource::SameAs(j) = site.range {
+                acts[i] = acts[j].clone();
+            }
+        }
+        crate::with_biases(self.index, self.plan, acts, weights)
+    }
+}
+
+/// The range `[lo, hi]` channel `c` of `p` covers.
+fn covered(p: &QParams, c: usize) -> (f64, f64) {
+    let c = c.min(p.scale.len() - 1);
+    let (s, z) = (p.scale[c] as f64, p.zero_point[c]);
+    (
+        (p.grid.qmin() - z) as f64 * s,
+        (p.grid.qmax() - z) as f64 * s,
+    )
+}
+
+/// `p` with every channel's range multiplied by `m`, within the range `ceiling` covers.
+fn scaled(p: &QParams, m: f64, ceiling: &QParams) -> Result<QParams> {
+    let range = |c: usize| {
+        let (lo, hi) = covered(p, c);
+        let (top_lo, top_hi) = covered(ceiling, c);
+        ((lo * m).max(top_lo) as f32, (hi * m).min(top_hi) as f32)
+    };
+    match p.axis {
+        None => {
+            let (lo, hi) = range(0);
+            QParams::per_tensor(p.grid, lo, hi)
+        }
+        Some(axis) => {
+            let (lo, hi): (Vec<f32>, Vec<f32>) = (0..p.scale.len()).map(range).unzip();
+            QParams::per_channel(p.grid, axis, &lo, &hi)
+        }
+    }
+}
+
+/// The oracle as Powell's objective, using the single-site tail while one coordinate moves.
+struct LossFn<'a, 'm> {
+    oracle: &'a Oracle,
+    map: &'a Mapping<'a, 'm>,
+    tail: Option<(usize, Vec<f64>, Tail)>,
+    bar: &'a ProgressBar,
+    start: f64,
+}
+
+impl Objective for LossFn<'_, '_> {
+    fn loss(&mut self, x: &[f64]) -> Result<f64> {
+        let params = self.map.params(x)?;
+        let loss = match &self.tail {
+            Some((i, at, tail))
+                if x.iter()
+                    .zip(at)
+                    .enumerate()
+                    .all(|(k, (a, b))| k == *i || a == b) =>
+            {
+                self.oracle.loss_in(tail, &params)?
+            }
+            _ => self.oracle.loss(&params)?,
+        };
+        self.bar.inc(1);
+        self.bar
+            .set_message(format!("loss {loss:.4} (start {:.4})", self.start));
+        Ok(loss)
+    }
+
+    fn focus(&mut self, i: usize, x: &[f64]) -> Result<()> {
+        let params = self.map.params(x)?;
+        let slot = self.map.coords[i].slot(self.map.plan);
+        self.tail = None;
+        self.tail = Some((i, x.to_vec(), self.oracle.focus(slot, &params)?));
+        Ok(())
+    }
+}
+
+fn bar(len: usize, enabled: bool) -> ProgressBar {
+    let target = if enabled {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(Some(len as u64), target);
+    if let Ok(style) =
+        ProgressStyle::with_template("lapq [{bar:30}] {pos}/{len} evaluations, ETA {eta}  {msg}")
+    {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
