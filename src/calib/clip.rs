@@ -174,8 +174,13 @@ fn percentile_rank(q: f64, n: u64) -> u64 {
 /// ONNX Runtime's `get_entropy_threshold` on our histogram: for every symmetric window of at least
 /// `quantized` bins around zero, the KL divergence between the window (outliers added to its edge
 /// bins) and its quantization into `quantized` bins; the half-width of the best window.
+///
+/// Unlike ONNX Runtime, which always merges the window into 128 bins (64 per side, a quarter of
+/// uint8's levels after ReLU), `quantized` is the number of levels the grid places in the window:
+/// `2^bits` for signed data, twice that for non-negative data (all levels on one side).
 fn entropy_threshold(h: &Histogram, grid: Grid) -> f64 {
-    let quantized = 1usize << (grid.bits.clamp(2, 8) - 1);
+    let levels = 1usize << grid.bits.clamp(2, 8);
+    let quantized = if h.min >= 0.0 { 2 * levels } else { levels }.min(BINS / 2);
     let zero = BINS / 2;
     let half_q = quantized / 2;
     let (mut best, mut best_kl) = (h.limit as f64, f64::INFINITY);
