@@ -96,21 +96,15 @@ pub fn powell(
                 objective.focus(i, &exp(&y))?;
             }
             let before = f;
-            let (t, ft) = line_search(
+            let budget = config.max_evals - evals;
+            line_search(
                 objective,
-                &y,
+                (&mut y, &mut f),
                 d,
-                f,
-                step,
-                tol,
-                config.max_evals - evals,
+                (step, tol, budget),
                 &mut evals,
                 &mut progress,
             )?;
-            if ft < f {
-                y.iter_mut().zip(d).for_each(|(v, dv)| *v += t * dv);
-                f = ft;
-            }
             if before - f > best_gain {
                 (best_gain, best_dir) = (before - f, k);
             }
@@ -120,21 +114,15 @@ pub fn powell(
         let norm = delta.iter().map(|v| v.abs()).fold(0.0, f64::max);
         if n > 1 && norm > tol && evals < config.max_evals {
             let d: Vec<f64> = delta.iter().map(|v| v / norm).collect();
-            let (t, ft) = line_search(
+            let budget = config.max_evals - evals;
+            line_search(
                 objective,
-                &y,
+                (&mut y, &mut f),
                 &d,
-                f,
-                step,
-                tol,
-                config.max_evals - evals,
+                (step, tol, budget),
                 &mut evals,
                 &mut progress,
             )?;
-            if ft < f {
-                y.iter_mut().zip(&d).for_each(|(v, dv)| *v += t * dv);
-                f = ft;
-            }
             directions.remove(best_dir);
             directions.push(d);
         }
@@ -155,21 +143,19 @@ fn exp(y: &[f64]) -> Vec<f64> {
     y.iter().map(|v| v.exp()).collect()
 }
 
-/// Brent's method along `d` from `y` (loss `f` known) over `t` in `[-step, step]`: the best `(t, loss)`.
-#[allow(clippy::too_many_arguments)]
+/// Brent's method along `d` from `y` (loss `f` known) over `t` in `[-step, step]`, to `tol`, with at
+/// most `budget` evaluations; moves `(y, f)` to the best point found.
 fn line_search(
     objective: &mut impl Objective,
-    y: &[f64],
+    (y, f): (&mut Vec<f64>, &mut f64),
     d: &[f64],
-    f: f64,
-    step: f64,
-    tol: f64,
-    budget: usize,
+    (step, tol, budget): (f64, f64, usize),
     evals: &mut usize,
     progress: &mut impl FnMut(usize, f64),
-) -> Result<(f64, f64)> {
+) -> Result<()> {
+    let start = *f;
     let mut error = None;
-    let mut best = f;
+    let mut best = start;
     let (t, ft) = brent_from(
         |t| {
             if error.is_some() {
@@ -192,14 +178,18 @@ fn line_search(
         -step,
         step,
         0.0,
-        f,
+        start,
         tol,
         budget,
     );
     if let Some(e) = error {
         return Err(e);
     }
-    Ok((t, ft))
+    if ft < start {
+        y.iter_mut().zip(d).for_each(|(v, dv)| *v += t * dv);
+        *f = ft;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
