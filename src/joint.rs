@@ -61,6 +61,7 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
     let n = config.lapq_samples.clamp(1, c.samples.len().max(1));
     let oracle = crate::oracle(c, c.samples[..n].to_vec(), 1)?;
     let weights = WeightValues::read(&index, &c.plan)?;
+    let biases = crate::bias_values(&index, &c.plan)?;
     lap("oracle", &mut seconds);
 
     let coords = coordinates(&c.plan, config);
@@ -81,7 +82,7 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
     let mut inits = vec![];
     let mut p_losses = vec![];
     for &p in &p_grid {
-        let params = lp_init(&oracle, &index, &c.plan, &weights, p, &c.params)?;
+        let params = lp_init(&oracle, &c.plan, &weights, &biases, p, &c.params)?;
         let loss = eval(&oracle, &params)?;
         bar.set_message(format!(
             "p {p:.2}: loss {loss:.4} (minmax {minmax_loss:.4})"
@@ -98,7 +99,7 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
         .map(|((&p, &l), params)| (p, l, params.clone()))
         .context("empty p grid")?;
     if !fit.guarded {
-        let params = lp_init(&oracle, &index, &c.plan, &weights, fit.p_star, &c.params)?;
+        let params = lp_init(&oracle, &c.plan, &weights, &biases, fit.p_star, &c.params)?;
         let loss = eval(&oracle, &params)?;
         if loss < init_loss {
             (p_used, init_loss, init) = (fit.p_star, loss, params);
@@ -111,8 +112,8 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
         (None, init, init_loss)
     } else {
         let map = Mapping {
-            index: &index,
             plan: &c.plan,
+            biases: &biases,
             base: init.clone(),
             ceiling: &c.params,
             coords: coords.clone(),
@@ -223,9 +224,9 @@ impl WeightValues {
 /// first calibration samples, each chosen from its input with everything upstream already quantized.
 fn lp_init(
     oracle: &Oracle,
-    index: &GraphIndex,
     plan: &QuantPlan,
     weights: &WeightValues,
+    biases: &[Vec<f32>],
     p: f64,
     start: &Params,
 ) -> Result<Params> {
@@ -238,7 +239,7 @@ fn lp_init(
                 .with_context(|| format!("weight '{}'", site.tensor))
         })
         .collect::<Result<Vec<_>>>()?;
-    let with_weights = crate::with_biases(index, plan, start.activations.clone(), weight_params)?;
+    let with_weights = crate::with_biases(plan, biases, start.activations.clone(), weight_params);
     let sites: Vec<(RangeSource, calib::Grid)> = plan
         .activations
         .iter()
@@ -275,22 +276,27 @@ fn lp_init(
     if let Some(e) = failed.lock().map_err(|_| anyhow!("poisoned"))?.take() {
         anyhow::bail!(e);
     }
-    crate::with_biases(index, plan, after.activations, with_weights.weights)
+    Ok(crate::with_biases(
+        plan,
+        biases,
+        after.activations,
+        with_weights.weights,
+    ))
 }
 
 /// From a vector of multipliers (one per coordinate) to parameters: each coordinate's clipping range
 /// scaled from its initial value, never beyond the observed range (`ceiling`, the MinMax parameters).
 /// Beyond it a range only loses resolution, and for a folded Relu or Clip it would no longer do the
 /// clipping the removed node did.
-struct Mapping<'a, 'm> {
-    index: &'a GraphIndex<'m>,
+struct Mapping<'a> {
     plan: &'a QuantPlan,
+    biases: &'a [Vec<f32>],
     base: Params,
     ceiling: &'a Params,
     coords: Vec<Coord>,
 }
 
-impl Mapping<'_, '_> {
+impl Mapping<'_> {
     fn params(&self, x: &[f64]) -> Result<Params> {
         let mut acts = self.base.activations.clone();
         let mut weights = self.base.weights.clone();
@@ -307,7 +313,7 @@ impl Mapping<'_, '_> {
                 acts[i] = acts[j].clone();
             }
         }
-        crate::with_biases(self.index, self.plan, acts, weights)
+        Ok(crate::with_biases(self.plan, self.biases, acts, weights))
     }
 }
 
@@ -341,15 +347,15 @@ fn scaled(p: &QParams, m: f64, ceiling: &QParams) -> Result<QParams> {
 }
 
 /// The oracle as Powell's objective, using the single-site tail while one coordinate moves.
-struct LossFn<'a, 'm> {
+struct LossFn<'a> {
     oracle: &'a Oracle,
-    map: &'a Mapping<'a, 'm>,
+    map: &'a Mapping<'a>,
     tail: Option<(usize, Vec<f64>, Tail)>,
     bar: &'a ProgressBar,
     start: f64,
 }
 
-impl Objective for LossFn<'_, '_> {
+impl Objective for LossFn<'_> {
     fn loss(&mut self, x: &[f64]) -> Result<f64> {
         let params = self.map.params(x)?;
         let loss = match &self.tail {
@@ -372,6 +378,7 @@ impl Objective for LossFn<'_, '_> {
     fn focus(&mut self, i: usize, x: &[f64]) -> Result<()> {
         let params = self.map.params(x)?;
         let slot = self.map.coords[i].slot(self.map.plan);
+        // The previous tail and its cached activations go before the next is built.
         self.tail = None;
         self.tail = Some((i, x.to_vec(), self.oracle.focus(slot, &params)?));
         Ok(())

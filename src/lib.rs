@@ -276,30 +276,44 @@ fn calibrate_params(
         );
         weights.push(p.with_context(|| format!("weight '{}'", site.tensor))?);
     }
-    with_biases(index, plan, activations, weights)
+    Ok(with_biases(
+        plan,
+        &bias_values(index, plan)?,
+        activations,
+        weights,
+    ))
+}
+
+/// The float values of every bias site (times Gemm's beta), decoded once per run.
+pub(crate) fn bias_values(index: &GraphIndex, plan: &QuantPlan) -> Result<Vec<Vec<f32>>> {
+    plan.biases
+        .iter()
+        .map(|b| {
+            let t = index
+                .constant(&b.tensor)
+                .with_context(|| format!("bias '{}' is not a constant", b.tensor))?
+                .tensor();
+            Ok(onnx::tensor_f32(t)?
+                .into_iter()
+                .map(|v| v * b.beta)
+                .collect())
+        })
+        .collect()
 }
 
 /// Completes activation and weight parameters with int32 bias parameters, after the overflow guard
-/// has enlarged any weight scale that needs it.
+/// has enlarged any weight scale that needs it. `biases` comes from `bias_values`.
 pub(crate) fn with_biases(
-    index: &GraphIndex,
     plan: &QuantPlan,
+    biases: &[Vec<f32>],
     activations: Vec<QParams>,
     mut weights: Vec<QParams>,
-) -> Result<Params> {
-    for b in &plan.biases {
-        let t = index
-            .constant(&b.tensor)
-            .context("bias is a constant")?
-            .tensor();
-        let values: Vec<f32> = onnx::tensor_f32(t)?
-            .into_iter()
-            .map(|v| v * b.beta)
-            .collect();
+) -> Params {
+    for (b, values) in plan.biases.iter().zip(biases) {
         calib::guard_bias_overflow(
             activations[b.input].scale[0],
             &mut weights[b.weight].scale,
-            &values,
+            values,
         );
     }
     let biases = plan
@@ -307,11 +321,11 @@ pub(crate) fn with_biases(
         .iter()
         .map(|b| calib::bias_params(activations[b.input].scale[0], &weights[b.weight]))
         .collect();
-    Ok(Params {
+    Params {
         activations,
         weights,
         biases,
-    })
+    }
 }
 
 /// A progress bar with ETA on stderr; drawn only on a terminal and when `enabled`.

@@ -81,14 +81,20 @@ pub fn alpha_from_values(values: &[f32], grid: Grid, how: Clipping) -> f64 {
     }
 }
 
+/// The scale and the code bounds relative to the zero point (`x / scale` is clamped to them) of
+/// parameters covering `[min, max]` clipped at `alpha`; `None` for a non-finite range.
+fn clipped_grid(min: f32, max: f32, alpha: f64, grid: Grid) -> Option<(f32, f32, f32)> {
+    let (lo, hi) = clipped_range(min, max, alpha);
+    let (scale, zp) = grid.params_for_range(lo, hi).ok()?;
+    Some((scale, (grid.qmin() - zp) as f32, (grid.qmax() - zp) as f32))
+}
+
 /// Mean `|Q(x) - x|^p` over weighted points, with parameters covering the range clipped at `alpha`.
 pub fn lp_error(points: &[(f64, f64)], min: f32, max: f32, alpha: f64, grid: Grid, p: f64) -> f64 {
-    let (lo, hi) = clipped_range(min, max, alpha);
-    let Ok((scale, zp)) = grid.params_for_range(lo, hi) else {
+    let Some((scale, qmin, qmax)) = clipped_grid(min, max, alpha, grid) else {
         return f64::INFINITY;
     };
-    let (qmin, qmax) = ((grid.qmin() - zp) as f64, (grid.qmax() - zp) as f64);
-    let s = scale as f64;
+    let (s, qmin, qmax) = (scale as f64, qmin as f64, qmax as f64);
     let (mut sum, mut weight) = (0.0, 0.0);
     for &(x, n) in points {
         let q = (x / s).round_ties_even().clamp(qmin, qmax) * s;
@@ -102,11 +108,9 @@ pub fn lp_error(points: &[(f64, f64)], min: f32, max: f32, alpha: f64, grid: Gri
 /// Mean `|Q(x) - x|^p` over exact values (f32 arithmetic, both cores for large tensors), with
 /// parameters covering the range clipped at `alpha`.
 pub fn lp_error_exact(values: &[f32], min: f32, max: f32, alpha: f64, grid: Grid, p: f64) -> f64 {
-    let (lo, hi) = clipped_range(min, max, alpha);
-    let Ok((scale, zp)) = grid.params_for_range(lo, hi) else {
+    let Some((scale, qmin, qmax)) = clipped_grid(min, max, alpha, grid) else {
         return f64::INFINITY;
     };
-    let (qmin, qmax) = ((grid.qmin() - zp) as f32, (grid.qmax() - zp) as f32);
     let pf = p as f32;
     let sum = |chunk: &[f32]| -> f64 {
         let mut acc = 0f64;

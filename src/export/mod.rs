@@ -261,12 +261,7 @@ pub fn qdq_model(
     graph.value_info.retain(|vi| live.contains(vi.name()));
     // Constants only the removed (folded) nodes read, e.g. a folded Clip's bounds.
     graph.initializer.retain(|t| live.contains(t.name()));
-    let native_int4 = params
-        .activations
-        .iter()
-        .chain(&params.weights)
-        .any(|p| container_bits(p, container) == 4);
-    let (needs, why) = match (native_int4, plan.has_per_channel()) {
+    let (needs, why) = match (int4_tensors(params, container) > 0, plan.has_per_channel()) {
         (true, _) => (21, "INT4 tensors"),
         (false, true) => (13, "per-channel quantization"),
         (false, false) => (10, "QuantizeLinear"),
@@ -280,12 +275,7 @@ pub fn qdq_model(
 /// kernels, one sentence each (empty when everything quantized can fuse).
 pub fn fusion_warnings(params: &Params, container: Container) -> Vec<String> {
     let mut warnings = vec![];
-    let int4 = params
-        .activations
-        .iter()
-        .chain(&params.weights)
-        .filter(|p| container_bits(p, container) == 4)
-        .count();
+    let int4 = int4_tensors(params, container);
     if int4 > 0 {
         warnings.push(format!(
             "{int4} tensors are stored as INT4/UINT4: ONNX Runtime runs them through DequantizeLinear and \
@@ -355,6 +345,16 @@ fn scale_zp(scale: &str, zp: &str, p: &QParams, container: Container) -> [Tensor
         make_tensor(scale, &dims, TensorData::F32(p.scale.clone())),
         make_tensor(zp, &dims, codes_data(p, container, &p.zero_point)),
     ]
+}
+
+/// Activations and weights stored as INT4/UINT4.
+fn int4_tensors(params: &Params, container: Container) -> usize {
+    params
+        .activations
+        .iter()
+        .chain(&params.weights)
+        .filter(|p| container_bits(p, container) == 4)
+        .count()
 }
 
 /// Bits of the integer type holding a grid's codes.

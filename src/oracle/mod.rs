@@ -310,16 +310,6 @@ impl Oracle {
             .calibrate_sequentially(params, &self.samples[..n], observer)
     }
 
-    /// Number of calibration samples.
-    pub fn len(&self) -> usize {
-        self.samples.len()
-    }
-
-    /// Whether there are no samples.
-    pub fn is_empty(&self) -> bool {
-        self.samples.is_empty()
-    }
-
     /// Prepares cheap evaluations of parameters that differ from `params` at `slot` only (activation
     /// sites first, then weights, then biases): the network upstream of the site runs once, now.
     pub fn focus(&self, slot: usize, params: &crate::calib::Params) -> Result<quant::Tail> {

@@ -58,6 +58,28 @@ struct Table {
     observer: RwLock<Option<Arc<Observer>>>,
 }
 
+impl Table {
+    fn read(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<Params>>> {
+        self.params
+            .read()
+            .map_err(|_| anyhow!("parameter table poisoned"))
+    }
+
+    fn write(&self) -> Result<std::sync::RwLockWriteGuard<'_, Option<Params>>> {
+        self.params
+            .write()
+            .map_err(|_| anyhow!("parameter table poisoned"))
+    }
+
+    fn set_observer(&self, observer: Option<Arc<Observer>>) -> Result<()> {
+        *self
+            .observer
+            .write()
+            .map_err(|_| anyhow!("observer poisoned"))? = observer;
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for Table {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Table")
@@ -97,11 +119,7 @@ impl FakeQuant {
         if self.layout_free {
             self.observe(&input)?;
         }
-        let guard = self
-            .table
-            .params
-            .read()
-            .map_err(|_| anyhow!("parameter table poisoned"))?;
+        let guard = self.table.read()?;
         let params = guard
             .as_ref()
             .context("quantization parameters were never set")?;
@@ -141,11 +159,7 @@ impl FakeQuant {
         let Some(p) = observer(self.slot, view.as_slice::<f32>()?, input.shape()) else {
             return Ok(());
         };
-        let mut params = self
-            .table
-            .params
-            .write()
-            .map_err(|_| anyhow!("parameter table poisoned"))?;
+        let mut params = self.table.write()?;
         let params = params
             .as_mut()
             .context("quantization parameters were never set")?;
@@ -468,11 +482,7 @@ impl QuantModel {
                 && params.biases.len() == self.table.betas.len(),
             "parameters do not match the oracle's sites"
         );
-        *self
-            .table
-            .params
-            .write()
-            .map_err(|_| anyhow!("parameter table poisoned"))? = Some(params.clone());
+        *self.table.write()? = Some(params.clone());
         Ok(())
     }
 
@@ -487,11 +497,7 @@ impl QuantModel {
         observer: Arc<Observer>,
     ) -> Result<Params> {
         self.set_params(params)?;
-        *self
-            .table
-            .observer
-            .write()
-            .map_err(|_| anyhow!("observer poisoned"))? = Some(observer);
+        self.table.set_observer(Some(observer))?;
         let result = (|| {
             let (facts, inputs, _) = batch_inputs(samples)?;
             self.plans
@@ -499,16 +505,10 @@ impl QuantModel {
                 .run(inputs)
                 .map_err(|e| anyhow!("running the quantized model: {e:#}"))
         })();
-        *self
-            .table
-            .observer
-            .write()
-            .map_err(|_| anyhow!("observer poisoned"))? = None;
+        self.table.set_observer(None)?;
         result?;
         self.table
-            .params
-            .read()
-            .map_err(|_| anyhow!("parameter table poisoned"))?
+            .read()?
             .clone()
             .context("quantization parameters were never set")
     }
