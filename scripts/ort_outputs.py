@@ -5,7 +5,8 @@ every sample of a .npz and save its outputs.
 usage: ort_outputs.py --model M.onnx --data D.npz --out O.npz [--level disabled|all]
 
 --level disabled evaluates Q/DQ as written (float fake quantization, the ONNX spec); --level all lets the
-runtime fuse them into integer kernels. Outputs are saved as o0, o1, ... in the model's output order,
+runtime fuse them into integer kernels. Either way the model must also load with the runtime's default
+optimizations (ORT_ENABLE_ALL), as it deploys. Outputs are saved as o0, o1, ... in the model's output order,
 samples concatenated along axis 0.
 """
 import argparse
@@ -23,6 +24,9 @@ def main():
     ap.add_argument("--level", choices=["disabled", "all"], default="disabled")
     a = ap.parse_args()
     onnx.checker.check_model(a.model, full_check=True)
+    deployed = ort.SessionOptions()
+    deployed.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    ort.InferenceSession(a.model, deployed, providers=["CPUExecutionProvider"])
     so = ort.SessionOptions()
     so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if a.level == "disabled"
                                    else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)

@@ -102,11 +102,21 @@ pub struct PlanArgs {
     /// Weight bit width, 2 to 8 (below 8: values on the narrower grid, stored in int8).
     #[arg(long, default_value_t = 8, value_name = "BITS")]
     pub wbits: u8,
-    /// Activation bit width, 2 to 8 (below 8: uint8 with a Clip before each QuantizeLinear).
+    /// Weights on at most 7 bits, for x86 CPUs without VNNI (whose 16-bit sums of uint8 x int8
+    /// products can saturate at 8 bits).
+    #[arg(long)]
+    pub reduce_range: bool,
+    /// Activation bit width, 2 to 8 or 16 (below 8: 8-bit containers with a Clip before each
+    /// QuantizeLinear; 16: uint16/int16, opset 21).
     #[arg(long, default_value_t = 8, value_name = "BITS")]
     pub abits: u8,
+    /// Signed symmetric activations (int8, zero point 0) instead of unsigned asymmetric ones, for
+    /// toolchains that require them.
+    #[arg(long)]
+    pub symmetric_activations: bool,
     /// Storage of codes below 8 bits: int8 containers (loads and fuses in ONNX Runtime) or native
-    /// INT4/UINT4 (opset 21; ONNX Runtime runs it but does not fuse it into integer kernels).
+    /// INT4 weights (opset 21; ONNX Runtime runs them but does not fuse them into integer kernels;
+    /// activations stay in 8-bit containers, as ONNX Runtime cannot load 4-bit activations).
     #[arg(long, value_enum, default_value_t = ContainerArg::Int8)]
     pub container: ContainerArg,
     /// Keep these nodes (by name) in float.
@@ -190,7 +200,9 @@ impl PlanArgs {
         QuantConfig {
             per_channel: !self.per_tensor,
             weight_bits: self.wbits,
+            reduce_range: self.reduce_range,
             act_bits: self.abits,
+            symmetric_activations: self.symmetric_activations,
             exclude_nodes: self.exclude_nodes.clone(),
             exclude_op_types: self.exclude_op_types.clone(),
             float_first_layer: self.float_first_layer,

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+use crate::calib::Grid;
+
 /// How each tensor's range is chosen.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -32,7 +34,8 @@ pub enum Container {
     /// QuantizeLinear so that its saturation lands on the narrow grid. Loads in every runtime.
     #[default]
     Int8,
-    /// Native INT4/UINT4 tensors for grids of at most 4 bits (opset 21).
+    /// Native INT4 weights for grids of at most 4 bits (opset 21). Activations stay in 8-bit
+    /// containers: ONNX Runtime 1.31 fails to load 4-bit activations at its default optimization level.
     Int4,
 }
 
@@ -61,9 +64,16 @@ pub struct QuantConfig {
     pub per_channel: bool,
     /// Weight bit width (2 to 8): signed symmetric codes in [-(2^(b-1) - 1), 2^(b-1) - 1].
     pub weight_bits: u8,
-    /// Activation bit width (2 to 8): unsigned asymmetric codes in [0, 2^b - 1]. Below 8 bits the
-    /// export stores them in uint8 with a Clip before QuantizeLinear.
+    /// Weights on at most 7 bits, so that x86 without VNNI cannot saturate its 16-bit intermediate
+    /// sums of uint8 x int8 products (ONNX Runtime's `reduce_range`).
+    pub reduce_range: bool,
+    /// Activation bit width (2 to 8, or 16): unsigned asymmetric codes in [0, 2^b - 1]. Below 8 bits
+    /// the export stores them in 8-bit containers with a Clip before QuantizeLinear; 16 bits are
+    /// stored as uint16/int16 (opset 21).
     pub act_bits: u8,
+    /// Signed symmetric activations (zero point 0, codes in [-(2^(b-1) - 1), 2^(b-1) - 1]), as
+    /// toolchains that only take symmetric activations need.
+    pub symmetric_activations: bool,
     /// Node names to keep in float.
     pub exclude_nodes: Vec<String>,
     /// Operator types to keep in float.
@@ -72,6 +82,32 @@ pub struct QuantConfig {
     pub float_first_layer: bool,
     /// Keep the last Conv/Gemm/MatMul in float.
     pub float_last_layer: bool,
+}
+
+impl QuantConfig {
+    /// The grid of quantized weights.
+    pub fn weight_grid(&self) -> Grid {
+        Grid {
+            bits: if self.reduce_range {
+                self.weight_bits.min(7)
+            } else {
+                self.weight_bits
+            },
+            signed: true,
+            symmetric: true,
+            narrow: true,
+        }
+    }
+
+    /// The grid of quantized activations.
+    pub fn act_grid(&self) -> Grid {
+        Grid {
+            bits: self.act_bits,
+            signed: self.symmetric_activations,
+            symmetric: self.symmetric_activations,
+            narrow: false,
+        }
+    }
 }
 
 impl Default for QuantConfig {
@@ -88,7 +124,9 @@ impl Default for QuantConfig {
             lapq_8bit: false,
             per_channel: true,
             weight_bits: 8,
+            reduce_range: false,
             act_bits: 8,
+            symmetric_activations: false,
             exclude_nodes: vec![],
             exclude_op_types: vec![],
             float_first_layer: false,

@@ -28,7 +28,7 @@ pub fn quantize(job: &Job) -> Result<Report> {
     let mut c = calibrate(job)?;
     let index = GraphIndex::new(&c.model)?;
     let qdq = export::qdq_model(&index, &c.plan, &c.params, job.quant.container)?;
-    onnx::write_model(&qdq, &job.output, c.external_data)?;
+    onnx::write_model(&qdq.model, &job.output, c.external_data)?;
     c.timings.lap("export");
     let mut report = Report::new(
         job,
@@ -39,6 +39,7 @@ pub fn quantize(job: &Job) -> Result<Report> {
         c.timings,
     );
     report.lapq = c.lapq;
+    report.warnings = qdq.warnings;
     Ok(report)
 }
 
@@ -236,9 +237,9 @@ fn calibrate_params(
     let mut activations: Vec<QParams> = Vec::with_capacity(plan.activations.len());
     for (i, site) in plan.activations.iter().enumerate() {
         let p = match (&site.range, &stats[i]) {
-            (RangeSource::Observed(_), Some(s)) if s.count > 0 => {
+            (RangeSource::Observed(t), Some(s)) if s.count > 0 => {
                 // Clipping a graph output cuts exactly its extreme values: a classifier's top logits.
-                let clip = if index.is_graph_output(&site.tensor) {
+                let clip = if index.is_graph_output(t) {
                     calib::Clipping::MinMax
                 } else {
                     act_clip

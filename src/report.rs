@@ -161,7 +161,7 @@ impl Report {
                 .map(|(s, p)| constant(&s.name, p))
                 .collect(),
             skipped: skipped_nodes(plan),
-            warnings: crate::export::fusion_warnings(params, job.quant.container),
+            warnings: vec![],
             lapq: None,
             timings,
         }

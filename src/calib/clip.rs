@@ -175,16 +175,27 @@ fn percentile_rank(q: f64, n: u64) -> u64 {
         .max(1.0) as u64
 }
 
-/// ONNX Runtime's `get_entropy_threshold` on our histogram: for every symmetric window of at least
-/// `quantized` bins around zero, the KL divergence between the window (outliers added to its edge
-/// bins) and its quantization into `quantized` bins; the half-width of the best window.
+/// The entropy method's clipping value on a grid: `kl_threshold` with as many quantized bins as the
+/// grid places levels in the window.
 ///
 /// Unlike ONNX Runtime, which always merges the window into 128 bins (64 per side, a quarter of
-/// uint8's levels after ReLU), `quantized` is the number of levels the grid places in the window:
-/// `2^bits` for signed data, twice that for non-negative data (all levels on one side).
+/// uint8's levels after ReLU), the count is `2^bits` for signed data and twice that for non-negative
+/// data (all levels on one side), at most half the histogram's bins.
 fn entropy_threshold(h: &Histogram, grid: Grid) -> f64 {
     let levels = 1usize << grid.bits.clamp(2, 8);
-    let quantized = if h.min >= 0.0 { 2 * levels } else { levels }.min(BINS / 2);
+    let window_levels = if h.min >= 0.0 { 2 * levels } else { levels };
+    kl_threshold(h, window_levels.min(BINS / 2))
+}
+
+/// The KL search of TensorRT's calibrator (as MXNet and ONNX Runtime port it) on our histogram: for
+/// every symmetric window of at least `quantized` bins around zero, the KL divergence between the
+/// window (outliers added to its edge bins) and its merge into `quantized` bins; the half-width of the
+/// best window (the first on ties). `quantized` must be even and at most `BINS`.
+///
+/// As in MXNet, the last merged bin takes the window's remainder bins and the expanded distribution
+/// is real-valued. ONNX Runtime 1.31's `get_entropy_threshold` leaves the remainder bins at zero and
+/// truncates the expansion to integers, so its choice differs on the same histogram.
+fn kl_threshold(h: &Histogram, quantized: usize) -> f64 {
     let zero = BINS / 2;
     let half_q = quantized / 2;
     let (mut best, mut best_kl) = (h.limit as f64, f64::INFINITY);
@@ -288,6 +299,7 @@ mod tests {
                 bits,
                 signed: true,
                 symmetric: true,
+                narrow: true,
             };
             let (min, max) = x
                 .iter()
@@ -313,6 +325,7 @@ mod tests {
             bits: 4,
             signed: false,
             symmetric: false,
+            narrow: false,
         };
         let h = Histogram::of(&x);
         let ours = alpha_from_histogram(&h, grid, Clipping::Lp(2.0));

@@ -5,12 +5,15 @@ use serde::Serialize;
 
 /// An integer grid: its bit width and signedness, and whether zero sits at its centre.
 ///
-/// Symmetric signed grids are narrow: codes in `[-(2^(b-1) - 1), 2^(b-1) - 1]`, zero point 0.
+/// Symmetric signed grids have zero point 0 and scale `max|x| / (2^(b-1) - 1)`. Narrow ones (weights)
+/// stop at code `-(2^(b-1) - 1)`; the others (activations) reach `-2^(b-1)`, where QuantizeLinear
+/// saturates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Grid {
     pub bits: u8,
     pub signed: bool,
     pub symmetric: bool,
+    pub narrow: bool,
 }
 
 impl Grid {
@@ -19,23 +22,26 @@ impl Grid {
         bits: 8,
         signed: false,
         symmetric: false,
+        narrow: false,
     };
     /// int8 symmetric narrow range: the default for weights.
     pub const I8_SYM: Grid = Grid {
         bits: 8,
         signed: true,
         symmetric: true,
+        narrow: true,
     };
     /// int32, zero point 0: biases of Conv and Gemm.
     pub const I32_BIAS: Grid = Grid {
         bits: 32,
         signed: true,
         symmetric: true,
+        narrow: true,
     };
 
     /// Smallest code.
     pub fn qmin(&self) -> i64 {
-        match (self.signed, self.symmetric) {
+        match (self.signed, self.symmetric && self.narrow) {
             (false, _) => 0,
             (true, true) => -((1i64 << (self.bits - 1)) - 1),
             (true, false) => -(1i64 << (self.bits - 1)),
@@ -65,7 +71,11 @@ impl Grid {
             (lo, hi) = (-m, m);
         }
         let (qmin, qmax) = (self.qmin(), self.qmax());
-        let scale = (hi - lo) / (qmax - qmin) as f32;
+        let scale = if self.symmetric && self.signed {
+            hi / qmax as f32
+        } else {
+            (hi - lo) / (qmax - qmin) as f32
+        };
         if scale < f32::MIN_POSITIVE {
             let zero = if self.symmetric && self.signed {
                 0
@@ -284,11 +294,14 @@ mod tests {
     use proptest::prelude::*;
 
     fn grids() -> impl Strategy<Value = Grid> {
-        (2u8..=8, any::<bool>(), any::<bool>()).prop_map(|(bits, signed, symmetric)| Grid {
-            bits,
-            signed,
-            symmetric,
-        })
+        (2u8..=8, any::<bool>(), any::<bool>(), any::<bool>()).prop_map(
+            |(bits, signed, symmetric, narrow)| Grid {
+                bits,
+                signed,
+                symmetric,
+                narrow,
+            },
+        )
     }
 
     proptest! {
@@ -367,11 +380,19 @@ mod tests {
             Grid {
                 bits: 4,
                 signed: true,
-                symmetric: true
+                symmetric: true,
+                narrow: true,
             }
             .qmin(),
             -7
         );
+        // Symmetric activations: the same scale, and the code QuantizeLinear saturates to.
+        let act = Grid {
+            narrow: false,
+            ..Grid::I8_SYM
+        };
+        assert_eq!((act.qmin(), act.qmax()), (-128, 127));
+        assert_eq!(act.params_for_range(-0.5, 1.27).unwrap(), (0.01, 0));
     }
 
     #[test]

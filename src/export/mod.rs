@@ -16,6 +16,12 @@ use crate::onnx::{
     tensor_f32,
 };
 
+/// The exported model, and what ONNX Runtime will not fuse in it (one sentence each).
+pub struct Exported {
+    pub model: ModelProto,
+    pub warnings: Vec<String>,
+}
+
 /// Builds the QDQ model. `params` is aligned with the plan's sites; `container` says how codes of
 /// grids narrower than 8 bits are stored.
 pub fn qdq_model(
@@ -23,7 +29,7 @@ pub fn qdq_model(
     plan: &QuantPlan,
     params: &Params,
     container: Container,
-) -> Result<ModelProto> {
+) -> Result<Exported> {
     ensure!(
         params.activations.len() == plan.activations.len()
             && params.weights.len() == plan.weights.len()
@@ -51,8 +57,14 @@ pub fn qdq_model(
     let mut output_rename: HashMap<String, String> = HashMap::new();
     let mut removed_nodes: HashSet<usize> = plan.folded.iter().map(|f| f.node).collect();
     let mut removed_consts: HashSet<String> = HashSet::new();
+    let storage = Storage::new(index, plan, params, container);
 
-    for (site, p) in plan.weights.iter().zip(&params.weights) {
+    for ((site, p), &bits) in plan
+        .weights
+        .iter()
+        .zip(&params.weights)
+        .zip(&storage.weights)
+    {
         let c = index
             .constant(&site.tensor)
             .with_context(|| format!("weight '{}' is not a constant", site.tensor))?;
@@ -66,8 +78,8 @@ pub fn qdq_model(
             names.fresh(&format!("{w}_scale")),
             names.fresh(&format!("{w}_zero_point")),
         );
-        new_inits.push(make_tensor(&q, &dims, codes_data(p, container, &codes)));
-        new_inits.extend(scale_zp(&scale, &zp, p, container));
+        new_inits.push(make_tensor(&q, &dims, codes_data(p, bits, &codes)));
+        new_inits.extend(scale_zp(&scale, &zp, p, bits));
         let dq_out = names.fresh(&format!("{w}_DequantizeLinear_Output"));
         head.push(qdq_node(
             "DequantizeLinear",
@@ -106,7 +118,7 @@ pub fn qdq_model(
             &[values.len()],
             TensorData::I32(quantize_bias(&values, p)),
         ));
-        new_inits.extend(scale_zp(&scale, &zp, p, container));
+        new_inits.extend(scale_zp(&scale, &zp, p, 32));
         head.push(qdq_node(
             "DequantizeLinear",
             &names.fresh(&format!("{b}_DequantizeLinear")),
@@ -127,7 +139,13 @@ pub fn qdq_model(
     // A site sharing another's parameters reads that site's scale and zero point initializers.
     let mut after: HashMap<String, Vec<NodeProto>> = HashMap::new();
     let mut param_names: Vec<(String, String)> = Vec::with_capacity(plan.activations.len());
-    for (site, p) in plan.activations.iter().zip(&params.activations) {
+    for (((site, p), &bits), &clip) in plan
+        .activations
+        .iter()
+        .zip(&params.activations)
+        .zip(&storage.acts)
+        .zip(&storage.clipped)
+    {
         let t = &site.tensor;
         let (scale, zp) = match site.range {
             RangeSource::SameAs(j) => param_names[j].clone(),
@@ -136,7 +154,7 @@ pub fn qdq_model(
                     names.fresh(&format!("{t}_scale")),
                     names.fresh(&format!("{t}_zero_point")),
                 );
-                new_inits.extend(scale_zp(&names.0, &names.1, p, container));
+                new_inits.extend(scale_zp(&names.0, &names.1, p, bits));
                 names
             }
         };
@@ -154,7 +172,7 @@ pub fn qdq_model(
         let mut pair = vec![];
         // A grid narrower than its 8-bit container: clip first, so QuantizeLinear's saturation lands
         // on the narrow grid's ends.
-        let q_in = if p.grid.bits < container_bits(p, container) {
+        let q_in = if clip {
             let (lo, hi) = (
                 (p.grid.qmin() - p.zero_point[0]) as f32 * p.scale[0],
                 (p.grid.qmax() - p.zero_point[0]) as f32 * p.scale[0],
@@ -261,40 +279,19 @@ pub fn qdq_model(
     graph.value_info.retain(|vi| live.contains(vi.name()));
     // Constants only the removed (folded) nodes read, e.g. a folded Clip's bounds.
     graph.initializer.retain(|t| live.contains(t.name()));
-    let (needs, why) = match (int4_tensors(params, container) > 0, plan.has_per_channel()) {
-        (true, _) => (21, "INT4 tensors"),
-        (false, true) => (13, "per-channel quantization"),
-        (false, false) => (10, "QuantizeLinear"),
+    let (needs, why) = if storage.count(4) > 0 {
+        (21, "INT4 tensors")
+    } else if storage.count(16) > 0 {
+        (21, "16-bit activations")
+    } else if plan.has_per_channel() {
+        (13, "per-channel quantization")
+    } else {
+        (10, "QuantizeLinear")
     };
     opset::raise_default_opset(&mut model, needs, why)?;
     GraphIndex::new(&model).context("internal: the exported graph is malformed")?;
-    Ok(model)
-}
-
-/// Forms in the exported model that ONNX Runtime's CPU provider (1.31) will not fuse into integer
-/// kernels, one sentence each (empty when everything quantized can fuse).
-pub fn fusion_warnings(params: &Params, container: Container) -> Vec<String> {
-    let mut warnings = vec![];
-    let int4 = int4_tensors(params, container);
-    if int4 > 0 {
-        warnings.push(format!(
-            "{int4} tensors are stored as INT4/UINT4: ONNX Runtime runs them through DequantizeLinear and \
-             float kernels (no integer Conv/Gemm/MatMul on 4-bit types); use --container int8 for fused \
-             integer kernels"
-        ));
-    }
-    let clipped = params
-        .activations
-        .iter()
-        .filter(|p| p.grid.bits < container_bits(p, container))
-        .count();
-    if clipped > 0 {
-        warnings.push(format!(
-            "{clipped} activations below 8 bits carry a Clip before their QuantizeLinear: ONNX Runtime \
-             does not fuse a Clip that narrows the range, so their producers run in float"
-        ));
-    }
-    warnings
+    let warnings = storage.fusion_warnings();
+    Ok(Exported { model, warnings })
 }
 
 fn set_float_attr(node: &mut NodeProto, name: &str, value: f32) {
@@ -335,7 +332,7 @@ fn qdq_node(
 }
 
 /// Scale (float) and zero point (the grid's integer type) initializers: scalars per tensor, 1-D per channel.
-fn scale_zp(scale: &str, zp: &str, p: &QParams, container: Container) -> [TensorProto; 2] {
+fn scale_zp(scale: &str, zp: &str, p: &QParams, bits: u8) -> [TensorProto; 2] {
     let dims: Vec<usize> = if p.axis.is_some() {
         vec![p.scale.len()]
     } else {
@@ -343,33 +340,122 @@ fn scale_zp(scale: &str, zp: &str, p: &QParams, container: Container) -> [Tensor
     };
     [
         make_tensor(scale, &dims, TensorData::F32(p.scale.clone())),
-        make_tensor(zp, &dims, codes_data(p, container, &p.zero_point)),
+        make_tensor(zp, &dims, codes_data(p, bits, &p.zero_point)),
     ]
 }
 
-/// Activations and weights stored as INT4/UINT4.
-fn int4_tensors(params: &Params, container: Container) -> usize {
-    params
-        .activations
-        .iter()
-        .chain(&params.weights)
-        .filter(|p| container_bits(p, container) == 4)
-        .count()
+/// Bits of the integer type holding each site's codes, aligned with the plan's sites.
+struct Storage {
+    acts: Vec<u8>,
+    weights: Vec<u8>,
+    /// Activations that need a Clip before their QuantizeLinear: grids narrower than their
+    /// container, except outputs of data-movement ops whose input already lies on the same grid
+    /// (not Resize: cubic interpolation overshoots).
+    clipped: Vec<bool>,
+    /// Signed 8-bit activations read by several nodes.
+    shared_int8: usize,
 }
 
-/// Bits of the integer type holding a grid's codes.
-fn container_bits(p: &QParams, container: Container) -> u8 {
-    match p.grid.bits {
-        32 => 32,
-        b if b <= 4 && container == Container::Int4 => 4,
-        _ => 8,
+impl Storage {
+    /// Grids of 9 to 16 bits in 16-bit types; weights of at most 4 bits in INT4 with
+    /// `Container::Int4`; all others in 8-bit types. Activations never use INT4: ONNX Runtime 1.31's
+    /// optimizer fuses DQ(4-bit) -> Conv -> Q(4-bit) into a QLinearConv that rejects 4-bit types, so
+    /// such a model fails to load at the default optimization level.
+    fn new(index: &GraphIndex, plan: &QuantPlan, params: &Params, container: Container) -> Self {
+        let bits = |p: &QParams, int4: bool| match p.grid.bits {
+            9..=16 => 16,
+            b if b <= 4 && int4 => 4,
+            _ => 8,
+        };
+        let acts: Vec<u8> = params.activations.iter().map(|p| bits(p, false)).collect();
+        let weights = params
+            .weights
+            .iter()
+            .map(|p| bits(p, container == Container::Int4))
+            .collect();
+        let clipped = plan
+            .activations
+            .iter()
+            .zip(&params.activations)
+            .zip(&acts)
+            .map(|((site, p), &bits)| {
+                let moved = matches!(site.range, RangeSource::SameAs(_))
+                    && index
+                        .producer(&site.tensor)
+                        .is_some_and(|i| index.node(i).op_type() != "Resize");
+                p.grid.bits < bits && !moved
+            })
+            .collect();
+        let shared_int8 = plan
+            .activations
+            .iter()
+            .zip(&params.activations)
+            .zip(&acts)
+            .filter(|((site, p), bits)| {
+                p.grid.signed && **bits == 8 && index.consumers(&site.tensor).len() > 1
+            })
+            .count();
+        Storage {
+            acts,
+            weights,
+            clipped,
+            shared_int8,
+        }
+    }
+
+    /// Tensors stored on `bits` bits.
+    fn count(&self, bits: u8) -> usize {
+        self.acts
+            .iter()
+            .chain(&self.weights)
+            .filter(|&&b| b == bits)
+            .count()
+    }
+
+    /// Forms that ONNX Runtime's CPU provider (1.31) will not fuse into integer kernels, one sentence
+    /// each (empty when everything quantized can fuse).
+    fn fusion_warnings(&self) -> Vec<String> {
+        let mut warnings = vec![];
+        let int4 = self.count(4);
+        if int4 > 0 {
+            warnings.push(format!(
+                "{int4} weights are stored as INT4: ONNX Runtime runs them through DequantizeLinear and \
+                 float kernels (no integer Conv/Gemm/MatMul on 4-bit weights); use --container int8 for \
+                 fused integer kernels"
+            ));
+        }
+        let wide = self.count(16);
+        if wide > 0 {
+            warnings.push(format!(
+                "{wide} activations are stored as 16-bit integers: ONNX Runtime's CPU provider has no \
+                 16-bit integer kernels and runs their consumers in float"
+            ));
+        }
+        if self.shared_int8 > 0 {
+            warnings.push(format!(
+                "{} int8 activations are read by several nodes: ONNX Runtime on x86 converts int8 \
+                 activations to uint8 but not these, so the nodes around them run in float; \
+                 unsigned activations (the default) fuse",
+                self.shared_int8
+            ));
+        }
+        let clipped = self.clipped.iter().filter(|&&c| c).count();
+        if clipped > 0 {
+            warnings.push(format!(
+                "{clipped} activations below 8 bits carry a Clip before their QuantizeLinear: ONNX \
+                 Runtime does not fuse a Clip that narrows the range, so their producers run in float"
+            ));
+        }
+        warnings
     }
 }
 
-/// Integer codes in the grid's container type.
-fn codes_data(p: &QParams, container: Container, codes: &[i64]) -> TensorData {
-    match (container_bits(p, container), p.grid.signed) {
+/// Integer codes in a type of `bits` bits.
+fn codes_data(p: &QParams, bits: u8, codes: &[i64]) -> TensorData {
+    match (bits, p.grid.signed) {
         (32, _) => TensorData::I32(codes.iter().map(|&c| c as i32).collect()),
+        (16, true) => TensorData::I16(codes.iter().map(|&c| c as i16).collect()),
+        (16, false) => TensorData::U16(codes.iter().map(|&c| c as u16).collect()),
         (4, true) => TensorData::I4(codes.iter().map(|&c| c as i8).collect()),
         (4, false) => TensorData::U4(codes.iter().map(|&c| c as u8).collect()),
         (_, true) => TensorData::I8(codes.iter().map(|&c| c as i8).collect()),

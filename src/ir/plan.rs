@@ -198,15 +198,16 @@ const QUANTIZED_OPS: &[&str] = &[
 /// Plans the quantization of the indexed graph. Refuses models that are already quantized.
 pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
     let graph = index.graph;
-    for (flag, bits) in [
-        ("--wbits", config.weight_bits),
-        ("--abits", config.act_bits),
-    ] {
-        ensure!(
-            (2..=8).contains(&bits),
-            "{flag} {bits}: supported widths are 2 to 8 bits"
-        );
-    }
+    ensure!(
+        (2..=8).contains(&config.weight_bits),
+        "--wbits {}: supported widths are 2 to 8 bits",
+        config.weight_bits
+    );
+    ensure!(
+        (2..=8).contains(&config.act_bits) || config.act_bits == 16,
+        "--abits {}: supported widths are 2 to 8 bits, and 16",
+        config.act_bits
+    );
     if let Some(node) = graph
         .node
         .iter()
@@ -298,24 +299,6 @@ struct WeightUse {
 }
 
 impl Planner<'_, '_> {
-    /// Signed symmetric weights (narrow range) of the configured width.
-    fn weight_grid(&self) -> Grid {
-        Grid {
-            bits: self.config.weight_bits,
-            signed: true,
-            symmetric: true,
-        }
-    }
-
-    /// Unsigned asymmetric activations of the configured width.
-    fn act_grid(&self) -> Grid {
-        Grid {
-            bits: self.config.act_bits,
-            signed: false,
-            symmetric: false,
-        }
-    }
-
     fn node(&mut self, i: usize) -> Result<Decision> {
         let node = self.index.node(i);
         let Some(class) = policy::op_class(node) else {
@@ -409,7 +392,7 @@ impl Planner<'_, '_> {
         let weight = WeightUse {
             tensor: w.into(),
             axis: per_channel.then_some(axis),
-            grid: self.weight_grid(),
+            grid: self.config.weight_grid(),
         };
         if let Some(reason) = self.weight_conflict(&weight) {
             return Ok(Decision::Float(reason));
@@ -453,13 +436,13 @@ impl Planner<'_, '_> {
                     weights.push(WeightUse {
                         tensor: t.clone(),
                         axis,
-                        grid: self.weight_grid(),
+                        grid: self.config.weight_grid(),
                     });
                 }
                 Some(_) => weights.push(WeightUse {
                     tensor: t.clone(),
                     axis: None,
-                    grid: self.act_grid(),
+                    grid: self.config.act_grid(),
                 }),
                 None => acts.push(t.as_str()),
             }
@@ -483,7 +466,7 @@ impl Planner<'_, '_> {
         let Some(&site) = self.act.get(x) else {
             return Decision::Float(SkipReason::InputNotQuantized(x.into()));
         };
-        let foldable = self.plan.activations[site].range == RangeSource::Observed(x.into())
+        let sole_input = self.plan.activations[site].range == RangeSource::Observed(x.into())
             && self.index.consumers(x).len() == 1
             && self.index.producer(x).is_some()
             && !self.index.is_graph_output(x)
@@ -492,22 +475,28 @@ impl Planner<'_, '_> {
                 .iter()
                 .skip(1)
                 .all(|t| t.is_empty() || self.index.constant(t).is_some());
-        if foldable {
-            self.act.remove(x);
-            self.act.insert(y.into(), site);
-            let s = &mut self.plan.activations[site];
-            s.tensor = y.into();
-            s.range = RangeSource::Observed(y.into());
-            self.plan.folded.push(Folded {
-                node: i,
-                upstream: x.into(),
-                output: y.into(),
-            });
-            Decision::Folded
-        } else {
+        if !sole_input {
             self.outputs(i, None);
-            Decision::Quantized
+            return Decision::Quantized;
         }
+        // The input's QuantizeLinear takes the activation's output range, so that it saturates where
+        // the activation clips. On an asymmetric grid the saturation does the activation's work and
+        // the node goes; on a symmetric one the node stays and its output reuses the parameters.
+        self.plan.activations[site].range = RangeSource::Observed(y.into());
+        if self.plan.activations[site].grid.symmetric {
+            let grid = self.plan.activations[site].grid;
+            self.push_activation(y, RangeSource::SameAs(site), grid);
+            return Decision::Quantized;
+        }
+        self.act.remove(x);
+        self.act.insert(y.into(), site);
+        self.plan.activations[site].tensor = y.into();
+        self.plan.folded.push(Folded {
+            node: i,
+            upstream: x.into(),
+            output: y.into(),
+        });
+        Decision::Folded
     }
 
     fn same_as_input(&mut self, i: usize) -> Decision {
@@ -541,7 +530,7 @@ impl Planner<'_, '_> {
                 Some((lo, hi)) => RangeSource::Fixed(lo, hi),
                 None => RangeSource::Observed(out.clone()),
             };
-            self.push_activation(out, range, self.act_grid());
+            self.push_activation(out, range, self.config.act_grid());
         }
     }
 
@@ -551,7 +540,7 @@ impl Planner<'_, '_> {
             None => self.push_activation(
                 tensor,
                 RangeSource::Observed(tensor.into()),
-                self.act_grid(),
+                self.config.act_grid(),
             ),
         }
     }

@@ -10,6 +10,8 @@ pub enum TensorData {
     F32(Vec<f32>),
     I8(Vec<i8>),
     U8(Vec<u8>),
+    I16(Vec<i16>),
+    U16(Vec<u16>),
     I32(Vec<i32>),
     I64(Vec<i64>),
     /// 4-bit codes (in -8..=7 / 0..=15), stored packed two per byte, the first in the low nibble.
@@ -23,6 +25,8 @@ impl TensorData {
             TensorData::F32(v) => v.len(),
             TensorData::I8(v) => v.len(),
             TensorData::U8(v) => v.len(),
+            TensorData::I16(v) => v.len(),
+            TensorData::U16(v) => v.len(),
             TensorData::I32(v) => v.len(),
             TensorData::I4(v) => v.len(),
             TensorData::U4(v) => v.len(),
@@ -47,6 +51,14 @@ pub fn make_tensor(name: &str, dims: &[usize], data: TensorData) -> TensorProto 
         ),
         TensorData::I8(v) => (DataType::Int8, v.iter().map(|&x| x as u8).collect()),
         TensorData::U8(v) => (DataType::Uint8, v),
+        TensorData::I16(v) => (
+            DataType::Int16,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+        TensorData::U16(v) => (
+            DataType::Uint16,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
         TensorData::I32(v) => (
             DataType::Int32,
             v.iter().flat_map(|x| x.to_le_bytes()).collect(),

@@ -218,3 +218,28 @@ fn unknown_excluded_node_is_an_error() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("'nope'"));
 }
+
+#[test]
+fn unsupported_bit_widths_are_refused() {
+    let dir = tempdir();
+    for (flag, bits) in [("--abits", "12"), ("--wbits", "16"), ("--abits", "1")] {
+        let out = dir.path().join("q.onnx");
+        let o = lapq(&[
+            "quantize",
+            fixture("conv_relu").join("model.onnx").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            fixture("conv_relu").join("calib.npz").to_str().unwrap(),
+            flag,
+            bits,
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.starts_with(&format!("error: {flag} {bits}: supported widths")),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+}

@@ -47,6 +47,74 @@ fn every_fixture_per_tensor_matches_onnx_runtime() {
     }
 }
 
+/// Symmetric int8 activations: Relu/Clip stay (zero point 0 does not saturate negatives), their
+/// inputs take their output range, and the outputs stay within the W8A8 tier. They fuse as uint8
+/// ones do, except around int8 tensors read by several nodes, which the report names.
+#[test]
+fn every_fixture_with_symmetric_activations_matches_onnx_runtime() {
+    let dir = tempdir();
+    for (name, fused) in FIXTURES {
+        let (model, calib) = (
+            fixture(name).join("model.onnx"),
+            fixture(name).join("calib.npz"),
+        );
+        let (out, report) = (
+            dir.path().join(format!("{name}.onnx")),
+            dir.path().join(format!("{name}.json")),
+        );
+        quantize(
+            &model,
+            &out,
+            &calib,
+            &[
+                "--quiet",
+                "--symmetric-activations",
+                "--report",
+                report.to_str().unwrap(),
+            ],
+        );
+        let report: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        let shared = report["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("read by several nodes"));
+        let checked = check_qdq(
+            &model,
+            &out,
+            &calib,
+            "w8a8",
+            if shared { "" } else { fused },
+        );
+        if shared {
+            let left = checked["fusion"]["float_ops_left"].as_object().unwrap();
+            assert!(!left.is_empty(), "{name}: warned, yet everything fused");
+        }
+    }
+}
+
+/// 16-bit activations (uint16, opset 21) with 7-bit weights load, pass the checker and stay within
+/// the W8A8 tier; ONNX Runtime runs them unfused.
+#[test]
+fn every_fixture_with_16_bit_activations_matches_onnx_runtime() {
+    let dir = tempdir();
+    for (name, _) in FIXTURES {
+        let (model, calib) = (
+            fixture(name).join("model.onnx"),
+            fixture(name).join("calib.npz"),
+        );
+        let out = dir.path().join(format!("{name}.onnx"));
+        quantize(
+            &model,
+            &out,
+            &calib,
+            &["--quiet", "--abits", "16", "--reduce-range"],
+        );
+        check_qdq(&model, &out, &calib, "w8a8", "");
+    }
+}
+
 #[test]
 fn plans_are_stable() {
     for (name, _) in FIXTURES {

@@ -124,36 +124,64 @@ fn oracle_matches_onnx_runtime_unfused_on_fixtures() {
         "constant_nodes",
         "unsupported_op",
     ] {
-        for (per_channel, wbits, abits, container, method) in [
-            (true, 8, 8, Container::Int8, Method::MinMax),
-            (false, 8, 8, Container::Int8, Method::Entropy),
-            (true, 4, 8, Container::Int8, Method::Mse),
-            (true, 4, 4, Container::Int8, Method::Percentile),
-            (false, 4, 4, Container::Int8, Method::MinMax),
-            (true, 4, 8, Container::Int4, Method::MinMax),
-            (false, 4, 4, Container::Int4, Method::Mse),
-        ] {
-            let out = dir.path().join(format!(
-                "{name}_{per_channel}_w{wbits}a{abits}_{container:?}_{method:?}.onnx"
-            ));
-            let mut j = job(name, &out, per_channel, wbits, abits);
-            j.quant.container = container;
-            j.quant.act_method = method;
-            j.quant.weight_method = match method {
+        let base = |per_channel, weight_bits, act_bits, container, method| QuantConfig {
+            per_channel,
+            weight_bits,
+            act_bits,
+            container,
+            act_method: method,
+            weight_method: match method {
                 Method::Entropy => Method::MinMax,
                 m => m,
-            };
+            },
+            ..Default::default()
+        };
+        for quant in [
+            base(true, 8, 8, Container::Int8, Method::MinMax),
+            base(false, 8, 8, Container::Int8, Method::Entropy),
+            base(true, 4, 8, Container::Int8, Method::Mse),
+            base(true, 4, 4, Container::Int8, Method::Percentile),
+            base(false, 4, 4, Container::Int8, Method::MinMax),
+            base(true, 4, 8, Container::Int4, Method::MinMax),
+            base(false, 4, 4, Container::Int4, Method::Mse),
+            QuantConfig {
+                symmetric_activations: true,
+                ..base(true, 8, 8, Container::Int8, Method::Mse)
+            },
+            QuantConfig {
+                symmetric_activations: true,
+                ..base(false, 4, 4, Container::Int4, Method::MinMax)
+            },
+            QuantConfig {
+                reduce_range: true,
+                ..base(false, 8, 16, Container::Int8, Method::Percentile)
+            },
+            QuantConfig {
+                symmetric_activations: true,
+                ..base(true, 8, 16, Container::Int8, Method::Entropy)
+            },
+        ] {
+            let what = format!(
+                "{name} per_channel={} w{}a{} {:?} {:?} symmetric={} reduce_range={}",
+                quant.per_channel,
+                quant.weight_bits,
+                quant.act_bits,
+                quant.container,
+                quant.act_method,
+                quant.symmetric_activations,
+                quant.reduce_range
+            );
+            let out = dir
+                .path()
+                .join(format!("{}.onnx", what.replace([' ', '='], "_")));
+            let mut j = job(name, &out, true, 8, 8);
+            j.quant = quant;
             lapq::quantize(&j).unwrap();
             let c = lapq::calibrate(&j).unwrap();
             let oracle = lapq::oracle(&c, c.samples.clone(), 4).unwrap();
             let ours = oracle.outputs(&c.params).unwrap();
             let ort = ort_outputs(&out, &j.data.path, "disabled");
-            assert_fidelity(
-                &format!(
-                    "{name} per_channel={per_channel} w{wbits}a{abits} {container:?} {method:?}"
-                ),
-                &gap(&ours, &ort, &output_steps(&c)),
-            );
+            assert_fidelity(&what, &gap(&ours, &ort, &output_steps(&c)));
         }
     }
 }
