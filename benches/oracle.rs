@@ -66,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             max_samples: Some(IMAGES),
             seed: 0,
             image: ImageConfig::default(),
+            labels: None,
         },
         progress: false,
     };
@@ -83,7 +84,7 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|b| b.parse().ok())
         .unwrap_or(1);
-    let oracle = lapq::oracle(&c, c.samples.clone(), batch)?;
+    let oracle = lapq::oracle(&c, c.samples.len(), batch)?;
     let build_ms = t.elapsed().as_secs_f64() * 1e3;
     // The same network with activation sites only: weights stay constants tract can pre-pack.
     let act_sites = lapq::oracle::Sites {

@@ -65,6 +65,14 @@ pub struct QuantizeArgs {
     /// lapq: optimise 8-bit sites too (by default only sites below 8 bits).
     #[arg(long)]
     pub lapq_8bit: bool,
+    /// Keep the float biases as they are (by default each Conv/Gemm bias absorbs the mean shift its
+    /// quantized weights add to the output channels).
+    #[arg(long)]
+    pub no_bias_correction: bool,
+    /// Class labels of the calibration samples, one integer per line in the data's order: LAPQ's
+    /// loss becomes cross-entropy against them (default: divergence from the float model).
+    #[arg(long, value_name = "FILE")]
+    pub labels: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub plan: PlanArgs,
     /// Use at most N calibration samples, drawn at random with --seed.
@@ -257,6 +265,7 @@ impl QuantizeArgs {
                 max_evals: self.max_evals,
                 lapq_samples: self.lapq_samples,
                 lapq_8bit: self.lapq_8bit,
+                bias_correction: !self.no_bias_correction,
                 ..self.plan.to_config()
             },
             data: DataConfig {
@@ -264,6 +273,7 @@ impl QuantizeArgs {
                 max_samples: self.max_samples,
                 seed: self.seed,
                 image: self.image.to_config()?,
+                labels: self.labels.clone(),
             },
             progress: !self.quiet && std::io::stderr().is_terminal(),
         })

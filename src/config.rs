@@ -60,6 +60,9 @@ pub struct QuantConfig {
     pub lapq_samples: usize,
     /// LAPQ: also optimise sites of 8 bits (by default they keep their Lp initialisation).
     pub lapq_8bit: bool,
+    /// Fold the mean shift that weight quantization adds to each output channel of a Conv/Gemm into
+    /// its float bias before the bias is quantized.
+    pub bias_correction: bool,
     /// Per-channel weight parameters (otherwise one scale per weight tensor).
     pub per_channel: bool,
     /// Weight bit width (2 to 8): signed symmetric codes in [-(2^(b-1) - 1), 2^(b-1) - 1].
@@ -122,6 +125,7 @@ impl Default for QuantConfig {
             max_evals: 2000,
             lapq_samples: 64,
             lapq_8bit: false,
+            bias_correction: true,
             per_channel: true,
             weight_bits: 8,
             reduce_range: false,
@@ -188,6 +192,8 @@ pub struct DataConfig {
     pub max_samples: Option<usize>,
     pub seed: u64,
     pub image: ImageConfig,
+    /// Class labels, one per sample: the loss becomes cross-entropy against them.
+    pub labels: Option<PathBuf>,
 }
 
 /// One `quantize` run.

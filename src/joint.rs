@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
 use crate::Calibrated;
+use crate::biases::Biases;
 use crate::calib::{
     self, Clipping, Histogram, Objective, PFit, Params, PowellConfig, PowellResult, QParams,
 };
@@ -28,6 +29,8 @@ const P_RANGE: (f64, f64) = (2.0, 4.0);
 pub struct LapqReport {
     /// Calibration samples in the loss.
     pub samples: usize,
+    /// The loss: divergence from the float model, or cross-entropy against labels.
+    pub loss: calib::LossKind,
     /// Loss with MinMax parameters (the baseline).
     pub minmax_loss: f64,
     /// The p grid and the loss after layer-wise Lp initialisation at each p.
@@ -59,9 +62,9 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
         t = Instant::now();
     };
     let n = config.lapq_samples.clamp(1, c.samples.len().max(1));
-    let oracle = crate::oracle(c, c.samples[..n].to_vec(), 1)?;
+    let oracle = crate::oracle(c, n, 1)?;
     let weights = WeightValues::read(&index, &c.plan)?;
-    let biases = crate::bias_values(&index, &c.plan)?;
+    let biases = Biases::new(&index, &c.plan, &c.bias_means)?;
     lap("oracle", &mut seconds);
 
     let coords = coordinates(&c.plan, config);
@@ -143,6 +146,7 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
         params,
         LapqReport {
             samples: n,
+            loss: oracle.kind(),
             minmax_loss,
             p_grid,
             p_losses,
@@ -226,7 +230,7 @@ fn lp_init(
     oracle: &Oracle,
     plan: &QuantPlan,
     weights: &WeightValues,
-    biases: &[Vec<f32>],
+    biases: &Biases,
     p: f64,
     start: &Params,
 ) -> Result<Params> {
@@ -239,7 +243,7 @@ fn lp_init(
                 .with_context(|| format!("weight '{}'", site.tensor))
         })
         .collect::<Result<Vec<_>>>()?;
-    let with_weights = crate::with_biases(plan, biases, start.activations.clone(), weight_params);
+    let with_weights = biases.params(plan, start.activations.clone(), weight_params)?;
     let sites: Vec<(RangeSource, calib::Grid)> = plan
         .activations
         .iter()
@@ -276,12 +280,7 @@ fn lp_init(
     if let Some(e) = failed.lock().map_err(|_| anyhow!("poisoned"))?.take() {
         anyhow::bail!(e);
     }
-    Ok(crate::with_biases(
-        plan,
-        biases,
-        after.activations,
-        with_weights.weights,
-    ))
+    biases.params(plan, after.activations, with_weights.weights)
 }
 
 /// From a vector of multipliers (one per coordinate) to parameters: each coordinate's clipping range
@@ -290,7 +289,7 @@ fn lp_init(
 /// clipping the removed node did.
 struct Mapping<'a> {
     plan: &'a QuantPlan,
-    biases: &'a [Vec<f32>],
+    biases: &'a Biases,
     base: Params,
     ceiling: &'a Params,
     coords: Vec<Coord>,
@@ -313,7 +312,7 @@ impl Mapping<'_> {
                 acts[i] = acts[j].clone();
             }
         }
-        Ok(crate::with_biases(self.plan, self.biases, acts, weights))
+        self.biases.params(self.plan, acts, weights)
     }
 }
 

@@ -3,6 +3,7 @@
 //! The pipeline, one call per stage (see the README's table):
 //! read -> index -> plan -> data -> statistics (oracle) -> calibrate -> export -> report.
 
+mod biases;
 pub mod calib;
 pub mod config;
 pub mod data;
@@ -18,6 +19,8 @@ use std::path::Path;
 use anyhow::{Context, Result, ensure};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use biases::Biases;
+use calib::bias::WindowMeans;
 use calib::{Params, QParams, RangeStats};
 use config::{Job, QuantConfig};
 use ir::{GraphIndex, QuantPlan, RangeSource};
@@ -40,6 +43,7 @@ pub fn quantize(job: &Job) -> Result<Report> {
     );
     report.lapq = c.lapq;
     report.warnings = qdq.warnings;
+    report.biases_corrected = c.bias_means.iter().flatten().count();
     Ok(report)
 }
 
@@ -52,7 +56,11 @@ pub struct Calibrated {
     pub params: Params,
     /// Range statistics per activation site (`None` where fixed or shared).
     pub stats: Vec<Option<RangeStats>>,
+    /// Window means of each bias site's layer input (`None` where the bias is not corrected).
+    pub bias_means: Vec<Option<WindowMeans>>,
     pub samples: Vec<data::Sample>,
+    /// Class labels of the samples, when given.
+    pub labels: Option<Vec<usize>>,
     pub timings: Timings,
     /// What LAPQ did, when it ran.
     pub lapq: Option<joint::LapqReport>,
@@ -68,11 +76,13 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
     timings.lap("read");
     let plan = ir::plan(&index, &job.quant)?;
     timings.lap("plan");
-    let samples = data::load(&job.data, index.inputs())?;
+    let data::Dataset { samples, labels } = data::load(&job.data, index.inputs())?;
     timings.lap("data");
-    let stats = observe_ranges(&model, &plan, &samples, job.progress)?;
+    let Observations { stats, bias_means } =
+        observe(&model, &index, &plan, &samples, &job.quant, job.progress)?;
     timings.lap("statistics");
-    let params = calibrate_params(&index, &plan, &stats, &job.quant)?;
+    let biases = Biases::new(&index, &plan, &bias_means)?;
+    let params = calibrate_params(&index, &plan, &stats, &biases, &job.quant)?;
     timings.lap("calibrate");
     drop(index);
     let mut c = Calibrated {
@@ -81,7 +91,9 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         plan,
         params,
         stats,
+        bias_means,
         samples,
+        labels,
         timings,
         lapq: None,
     };
@@ -94,13 +106,15 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
     Ok(c)
 }
 
-/// Builds the loss oracle of a calibrated run over `samples` (batches of `batch` samples).
-pub fn oracle(c: &Calibrated, samples: Vec<data::Sample>, batch: usize) -> Result<oracle::Oracle> {
+/// Builds the loss oracle of a calibrated run over its first `n` samples (batches of `batch`
+/// samples); its loss is cross-entropy when the run has labels.
+pub fn oracle(c: &Calibrated, n: usize, batch: usize) -> Result<oracle::Oracle> {
+    let n = n.min(c.samples.len());
     oracle::Oracle::new(
         &onnx::encode_model(&c.model),
         &oracle_sites(c)?,
-        samples,
-        None,
+        c.samples[..n].to_vec(),
+        c.labels.as_ref().map(|l| l[..n].to_vec()),
         batch,
     )
 }
@@ -168,44 +182,104 @@ fn check_output_path(model: &Path, output: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Range statistics of every observed activation site, indexed like `plan.activations` (`None` where the
-/// range is fixed or shared).
-fn observe_ranges(
+/// One float pass over the calibration set: range statistics of every observed activation site,
+/// indexed like `plan.activations` (`None` where the range is fixed or shared), and, with bias
+/// correction, the window means of every correctable layer's input, indexed like `plan.biases`.
+fn observe(
     model: &onnx::ModelProto,
+    index: &GraphIndex,
     plan: &QuantPlan,
     samples: &[data::Sample],
+    config: &QuantConfig,
     progress: bool,
-) -> Result<Vec<Option<RangeStats>>> {
-    let observed: Vec<(usize, String)> = plan
+) -> Result<Observations> {
+    let mut taps: Vec<String> = vec![];
+    let mut tap = |t: &str| match taps.iter().position(|x| x == t) {
+        Some(k) => k,
+        None => {
+            taps.push(t.to_string());
+            taps.len() - 1
+        }
+    };
+    let ranges: Vec<(usize, usize)> = plan
         .activations
         .iter()
         .enumerate()
         .filter_map(|(i, s)| match &s.range {
-            RangeSource::Observed(t) => Some((i, t.clone())),
+            RangeSource::Observed(t) => Some((i, tap(t))),
             _ => None,
         })
         .collect();
-    let taps: Vec<String> = observed.iter().map(|(_, t)| t.clone()).collect();
+    // (bias site, tap, window, kernel) of every corrected layer.
+    let mut windows = vec![];
+    if config.bias_correction {
+        for (b, site) in plan.biases.iter().enumerate() {
+            let Some(window) = &site.window else { continue };
+            let w = &plan.weights[site.weight].tensor;
+            let wt = index.constant(w).context("weight is a constant")?.tensor();
+            let kernel = onnx::tensor_dims(wt)?.get(2..).unwrap_or(&[]).to_vec();
+            windows.push((b, tap(&index.node(site.node).input[0]), window, kernel));
+        }
+    }
     let float = oracle::FloatModel::load(&onnx::encode_model(model), &taps)?;
     let bar = progress_bar(samples.len() as u64, "statistics", progress);
+    // Per worker: range statistics per range tap, window means per corrected layer (`None` once a
+    // tensor did not fit its layer's geometry).
     let per_worker = float.observe(
         samples,
-        || vec![RangeStats::default(); taps.len()],
-        |acc, k, dims, values| acc[k].observe(dims, values),
+        || {
+            (
+                vec![RangeStats::default(); ranges.len()],
+                vec![Some(WindowMeans::default()); windows.len()],
+            )
+        },
+        |(stats, means), k, dims, values| {
+            for (r, _) in ranges.iter().enumerate().filter(|(_, (_, t))| *t == k) {
+                stats[r].observe(dims, values);
+            }
+            for (m, (_, _, window, kernel)) in windows
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, t, _, _))| *t == k)
+            {
+                if let Some(acc) = &mut means[m]
+                    && acc.observe(window, kernel, dims, values).is_err()
+                {
+                    means[m] = None;
+                }
+            }
+        },
         &|| bar.inc(1),
     )?;
     bar.finish_and_clear();
-    let mut merged = vec![RangeStats::default(); taps.len()];
-    for acc in &per_worker {
-        for (m, a) in merged.iter_mut().zip(acc) {
+    let mut merged = vec![RangeStats::default(); ranges.len()];
+    let mut merged_means = vec![Some(WindowMeans::default()); windows.len()];
+    for (stats, means) in &per_worker {
+        for (m, a) in merged.iter_mut().zip(stats) {
             m.merge(a);
+        }
+        for (m, a) in merged_means.iter_mut().zip(means) {
+            match (m.as_mut(), a) {
+                (Some(m), Some(a)) => m.merge(a),
+                _ => *m = None,
+            }
         }
     }
     let mut stats = vec![None; plan.activations.len()];
-    for ((site, _), s) in observed.into_iter().zip(merged) {
+    for ((site, _), s) in ranges.into_iter().zip(merged) {
         stats[site] = Some(s);
     }
-    Ok(stats)
+    let mut bias_means = vec![None; plan.biases.len()];
+    for ((b, ..), m) in windows.into_iter().zip(merged_means) {
+        bias_means[b] = m;
+    }
+    Ok(Observations { stats, bias_means })
+}
+
+/// What the float pass over the calibration set gathered.
+struct Observations {
+    stats: Vec<Option<RangeStats>>,
+    bias_means: Vec<Option<WindowMeans>>,
 }
 
 /// The clipping method a configured method stands for.
@@ -226,6 +300,7 @@ fn calibrate_params(
     index: &GraphIndex,
     plan: &QuantPlan,
     stats: &[Option<RangeStats>],
+    biases: &Biases,
     config: &QuantConfig,
 ) -> Result<Params> {
     ensure!(
@@ -277,56 +352,7 @@ fn calibrate_params(
         );
         weights.push(p.with_context(|| format!("weight '{}'", site.tensor))?);
     }
-    Ok(with_biases(
-        plan,
-        &bias_values(index, plan)?,
-        activations,
-        weights,
-    ))
-}
-
-/// The float values of every bias site (times Gemm's beta), decoded once per run.
-pub(crate) fn bias_values(index: &GraphIndex, plan: &QuantPlan) -> Result<Vec<Vec<f32>>> {
-    plan.biases
-        .iter()
-        .map(|b| {
-            let t = index
-                .constant(&b.tensor)
-                .with_context(|| format!("bias '{}' is not a constant", b.tensor))?
-                .tensor();
-            Ok(onnx::tensor_f32(t)?
-                .into_iter()
-                .map(|v| v * b.beta)
-                .collect())
-        })
-        .collect()
-}
-
-/// Completes activation and weight parameters with int32 bias parameters, after the overflow guard
-/// has enlarged any weight scale that needs it. `biases` comes from `bias_values`.
-pub(crate) fn with_biases(
-    plan: &QuantPlan,
-    biases: &[Vec<f32>],
-    activations: Vec<QParams>,
-    mut weights: Vec<QParams>,
-) -> Params {
-    for (b, values) in plan.biases.iter().zip(biases) {
-        calib::guard_bias_overflow(
-            activations[b.input].scale[0],
-            &mut weights[b.weight].scale,
-            values,
-        );
-    }
-    let biases = plan
-        .biases
-        .iter()
-        .map(|b| calib::bias_params(activations[b.input].scale[0], &weights[b.weight]))
-        .collect();
-    Params {
-        activations,
-        weights,
-        biases,
-    }
+    biases.params(plan, activations, weights)
 }
 
 /// A progress bar with ETA on stderr; drawn only on a terminal and when `enabled`.

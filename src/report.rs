@@ -89,6 +89,8 @@ pub struct Report {
     pub weights: Vec<ConstantEntry>,
     pub biases: Vec<ConstantEntry>,
     pub skipped: Vec<SkippedNode>,
+    /// Conv/Gemm layers whose bias absorbed the mean shift of their quantized weights.
+    pub biases_corrected: usize,
     /// Forms that will not fuse into integer kernels in ONNX Runtime.
     pub warnings: Vec<String>,
     /// What LAPQ did (the p grid and its losses, p*, Powell's sweeps, evaluations, time per stage).
@@ -161,6 +163,7 @@ impl Report {
                 .map(|(s, p)| constant(&s.name, p))
                 .collect(),
             skipped: skipped_nodes(plan),
+            biases_corrected: 0,
             warnings: vec![],
             lapq: None,
             timings,

@@ -2,6 +2,7 @@
 //! calibration methods. It sees numbers only (no files, no protobuf, no inference engine), so everything
 //! here is unit-tested without a model.
 
+pub mod bias;
 mod clip;
 mod grid;
 mod hist;
@@ -27,6 +28,10 @@ pub struct Params {
     pub activations: Vec<QParams>,
     pub weights: Vec<QParams>,
     pub biases: Vec<QParams>,
+    /// The float value of each bias site as it is quantized: the model's bias times Gemm's beta,
+    /// plus its correction.
+    #[serde(skip)]
+    pub bias_values: Vec<Vec<f32>>,
 }
 
 /// Parameters of a weight from its exact values, per slice along `axis` or over the whole tensor,

@@ -47,11 +47,71 @@ pub struct Sample {
     pub origin: String,
 }
 
-/// Loads the calibration samples at `config.path` for a model with `inputs`.
+/// The calibration samples, and their labels when a labels file was given.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dataset {
+    pub samples: Vec<Sample>,
+    /// One class index per sample, aligned with `samples`.
+    pub labels: Option<Vec<usize>>,
+}
+
+/// Loads the calibration samples at `config.path` for a model with `inputs`, and the labels at
+/// `config.labels` (one integer per sample of the whole data set, in its order: array rows, sorted
+/// `test_data_set_*` folders, sorted image files; the ones of the samples drawn are kept).
 ///
 /// The kind of data is told by the path: a `.npz` or `.npy` file, a folder holding `test_data_set_*`
 /// folders (or `input_N.pb` files), or a folder of images. Errors name the file and the tensor.
-pub fn load(config: &DataConfig, inputs: &[ModelInput]) -> Result<Vec<Sample>> {
+pub fn load(config: &DataConfig, inputs: &[ModelInput]) -> Result<Dataset> {
+    let drawn = std::cell::RefCell::new((0, vec![]));
+    let record = |n: usize, config: &DataConfig| {
+        let picked = choose(n, config);
+        *drawn.borrow_mut() = (n, picked.clone());
+        picked
+    };
+    let samples = load_samples(config, inputs, record)?;
+    let labels = match &config.labels {
+        None => None,
+        Some(path) => {
+            let (total, picked) = drawn.into_inner();
+            let all = read_labels(path)?;
+            ensure!(
+                all.len() == total,
+                "labels {}: {} labels for {total} calibration samples in {}",
+                path.display(),
+                all.len(),
+                config.path.display()
+            );
+            Some(picked.iter().map(|&i| all[i]).collect())
+        }
+    };
+    Ok(Dataset { samples, labels })
+}
+
+/// Class indices, one non-negative integer per line (blank lines and `#` comments skipped).
+fn read_labels(path: &Path) -> Result<Vec<usize>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read labels {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| (i, l.split('#').next().unwrap_or("").trim()))
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(i, l)| {
+            l.parse::<usize>().with_context(|| {
+                format!(
+                    "labels {} line {}: '{l}' is not a class index",
+                    path.display(),
+                    i + 1
+                )
+            })
+        })
+        .collect()
+}
+
+fn load_samples(
+    config: &DataConfig,
+    inputs: &[ModelInput],
+    pick: impl Fn(usize, &DataConfig) -> Vec<usize>,
+) -> Result<Vec<Sample>> {
     let path = &config.path;
     ensure!(
         path.exists(),
@@ -66,8 +126,8 @@ pub fn load(config: &DataConfig, inputs: &[ModelInput]) -> Result<Vec<Sample>> {
             .map(str::to_ascii_lowercase)
             .as_deref()
         {
-            Some("npz") => arrays::load_npz(path, inputs, |n| choose(n, config))?,
-            Some("npy") => arrays::load_npy(path, inputs, |n| choose(n, config))?,
+            Some("npz") => arrays::load_npz(path, inputs, |n| pick(n, config))?,
+            Some("npy") => arrays::load_npy(path, inputs, |n| pick(n, config))?,
             _ => bail!(
                 "calibration data {}: expected a .npz or .npy file, or a folder",
                 path.display()
@@ -76,14 +136,14 @@ pub fn load(config: &DataConfig, inputs: &[ModelInput]) -> Result<Vec<Sample>> {
     } else {
         let sets = test_data_sets(path)?;
         if !sets.is_empty() {
-            let picked = choose(sets.len(), config);
+            let picked = pick(sets.len(), config);
             picked
                 .into_iter()
                 .map(|i| arrays::load_test_data_set(&sets[i], inputs))
                 .collect::<Result<_>>()?
         } else {
             let files = images::list(path)?;
-            let picked = choose(files.len(), config);
+            let picked = pick(files.len(), config);
             let prep = images::Preprocess::for_model(&config.image, inputs)?;
             picked
                 .into_iter()

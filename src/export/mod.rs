@@ -33,7 +33,8 @@ pub fn qdq_model(
     ensure!(
         params.activations.len() == plan.activations.len()
             && params.weights.len() == plan.weights.len()
-            && params.biases.len() == plan.biases.len(),
+            && params.biases.len() == plan.biases.len()
+            && params.bias_values.len() == plan.biases.len(),
         "internal: parameters do not match the plan"
     );
     let src = index.graph;
@@ -96,14 +97,15 @@ pub fn qdq_model(
     }
 
     let mut beta_reset: HashSet<usize> = HashSet::new();
-    for (site, p) in plan.biases.iter().zip(&params.biases) {
+    for ((site, p), values) in plan
+        .biases
+        .iter()
+        .zip(&params.biases)
+        .zip(&params.bias_values)
+    {
         let c = index
             .constant(&site.tensor)
             .with_context(|| format!("bias '{}' is not a constant", site.tensor))?;
-        let values: Vec<f32> = tensor_f32(c.tensor())?
-            .into_iter()
-            .map(|b| b * site.beta)
-            .collect();
         if site.beta != 1.0 {
             beta_reset.insert(site.node);
         }
@@ -116,7 +118,7 @@ pub fn qdq_model(
         new_inits.push(make_tensor(
             &q,
             &[values.len()],
-            TensorData::I32(quantize_bias(&values, p)),
+            TensorData::I32(quantize_bias(values, p)),
         ));
         new_inits.extend(scale_zp(&scale, &zp, p, 32));
         head.push(qdq_node(

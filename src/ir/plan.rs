@@ -10,6 +10,7 @@ use serde::Serialize;
 use super::index::GraphIndex;
 use super::policy::{self, OpClass};
 use crate::calib::Grid;
+use crate::calib::bias::{Pads, Window};
 use crate::config::QuantConfig;
 use crate::onnx::{self, tensor_dims, tensor_f32};
 
@@ -58,6 +59,9 @@ pub struct BiasSite {
     pub weight: usize,
     /// Gemm's `beta`, folded into the quantized bias (1 for Conv).
     pub beta: f32,
+    /// How the layer's weights meet its input, for bias correction (`None`: not corrected, e.g.
+    /// ConvTranspose or 3-D convolutions).
+    pub window: Option<Window>,
 }
 
 /// A Relu/Clip removed from the graph: its producer writes `output` directly, whose range saturates
@@ -413,6 +417,7 @@ impl Planner<'_, '_> {
                 input,
                 weight,
                 beta,
+                window: window(node, wdims.len()),
             });
         }
         self.outputs(i, None);
@@ -588,6 +593,48 @@ impl Planner<'_, '_> {
             .find(|n| !self.index.name_taken(n) && !self.plan.biases.iter().any(|b| &b.name == n))
             .unwrap_or_default()
     }
+}
+
+/// How a Conv's or Gemm's weight meets its input, when bias correction handles the layer: Gemm, and
+/// 1-D or 2-D Conv with well-formed attributes.
+fn window(node: &onnx::NodeProto, weight_rank: usize) -> Option<Window> {
+    if node.op_type() == "Gemm" {
+        return Some(Window::Dense {
+            trans_a: onnx::attr_i(node, "transA", 0) != 0,
+            trans_b: onnx::attr_i(node, "transB", 0) != 0,
+        });
+    }
+    if node.op_type() != "Conv" {
+        return None;
+    }
+    let spatial = weight_rank.checked_sub(2).filter(|s| (1..=2).contains(s))?;
+    let list = |name: &str, len: usize| -> Option<Vec<usize>> {
+        match onnx::attr_ints(node, name) {
+            None => Some(vec![if name == "pads" { 0 } else { 1 }; len]),
+            Some(v) if v.len() == len => v.iter().map(|&x| usize::try_from(x).ok()).collect(),
+            Some(_) => None,
+        }
+    };
+    let strides = list("strides", spatial)?;
+    let dilations = list("dilations", spatial)?;
+    if strides.contains(&0) || dilations.contains(&0) {
+        return None;
+    }
+    let pads = match onnx::attr_s(node, "auto_pad").unwrap_or(b"NOTSET") {
+        b"NOTSET" => Pads::Explicit(list("pads", 2 * spatial)?),
+        b"SAME_UPPER" => Pads::SameUpper,
+        b"SAME_LOWER" => Pads::SameLower,
+        b"VALID" => Pads::Valid,
+        _ => return None,
+    };
+    Some(Window::Conv {
+        group: usize::try_from(onnx::attr_i(node, "group", 1))
+            .ok()
+            .filter(|&g| g > 0)?,
+        strides,
+        dilations,
+        pads,
+    })
 }
 
 /// Channels of a grouped ConvTranspose weight cover one group only; per-channel needs all of them.

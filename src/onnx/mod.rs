@@ -47,6 +47,16 @@ pub fn attr_f(node: &NodeProto, name: &str, default: f32) -> f32 {
     attr(node, name).and_then(|a| a.f).unwrap_or(default)
 }
 
+/// Integer-list attribute `name`, if present.
+pub fn attr_ints<'a>(node: &'a NodeProto, name: &str) -> Option<&'a [i64]> {
+    attr(node, name).map(|a| a.ints.as_slice())
+}
+
+/// String attribute `name`, if present.
+pub fn attr_s<'a>(node: &'a NodeProto, name: &str) -> Option<&'a [u8]> {
+    attr(node, name).and_then(|a| a.s.as_deref())
+}
+
 /// A short human label for a node: its name, or its op type and first output when unnamed.
 pub fn node_label(node: &NodeProto) -> String {
     if node.name().is_empty() {

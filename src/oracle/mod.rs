@@ -256,9 +256,21 @@ impl Oracle {
             .first()
             .is_some_and(|o| o.len() == 1 && o[0].0.len() == 2 && o[0].0[1] > 1);
         let kind = match (classifier, &labels) {
-            (true, Some(_)) => crate::calib::LossKind::CrossEntropy,
+            (true, Some(l)) => {
+                let classes = reference[0][0].0[1];
+                if let Some((i, &c)) = l.iter().enumerate().find(|(_, c)| **c >= classes) {
+                    anyhow::bail!(
+                        "label {c} of sample {} is not a class of the model's {classes} outputs",
+                        samples[i].origin
+                    );
+                }
+                crate::calib::LossKind::CrossEntropy
+            }
             (true, None) => crate::calib::LossKind::KlSoftmax,
-            (false, _) => crate::calib::LossKind::Mse,
+            (false, Some(_)) => anyhow::bail!(
+                "labels were given, but the model's output is not one [N, classes] tensor"
+            ),
+            (false, None) => crate::calib::LossKind::Mse,
         };
         Ok(Oracle {
             model,
@@ -366,5 +378,6 @@ fn empty_params(sites: &Sites) -> crate::calib::Params {
         activations: vec![unit.clone(); sites.activations.len()],
         weights: vec![unit.clone(); sites.weights.len()],
         biases: vec![unit; sites.biases.len()],
+        bias_values: vec![vec![]; sites.biases.len()],
     }
 }

@@ -123,11 +123,12 @@ impl FakeQuant {
         let params = guard
             .as_ref()
             .context("quantization parameters were never set")?;
-        let key = self.slot_params(params);
+        let (key, values) = (self.slot_params(params), self.slot_values(params));
         if let Some(cache) = &self.cache {
             let cached = cache.lock().map_err(|_| anyhow!("weight cache poisoned"))?;
-            if let Some((p, value)) = cached.as_ref()
+            if let Some((p, v, value)) = cached.as_ref()
                 && p == key
+                && v == values
             {
                 return Ok(value.clone());
             }
@@ -139,7 +140,7 @@ impl FakeQuant {
         let value = t.into_tvalue();
         if let Some(cache) = &self.cache {
             *cache.lock().map_err(|_| anyhow!("weight cache poisoned"))? =
-                Some((key.clone(), value.clone()));
+                Some((key.clone(), values.to_vec(), value.clone()));
         }
         Ok(value)
     }
@@ -176,6 +177,15 @@ impl FakeQuant {
         }
     }
 
+    /// A bias site's float value as it is quantized (empty for other sites).
+    fn slot_values<'p>(&self, params: &'p Params) -> &'p [f32] {
+        let first_bias = self.table.activations + self.table.weights;
+        match self.slot.checked_sub(first_bias) {
+            Some(b) => params.bias_values.get(b).map_or(&[], Vec::as_slice),
+            None => &[],
+        }
+    }
+
     fn apply(&self, params: &Params, data: &mut [f32], dims: &[usize]) -> Result<()> {
         let (a, w) = (self.table.activations, self.table.weights);
         if self.slot < a + w {
@@ -194,7 +204,14 @@ impl FakeQuant {
         let b = self.slot - a - w;
         let p = &params.biases[b];
         let beta = self.table.betas[b];
-        data.iter_mut().for_each(|x| *x *= beta);
+        let values = self.slot_values(params);
+        ensure!(
+            values.len() == data.len(),
+            "bias site {b}: {} values for a bias of {}",
+            values.len(),
+            data.len()
+        );
+        data.copy_from_slice(values);
         let q = calib::quantize_bias(data, p);
         for (c, (x, q)) in data.iter_mut().zip(q).enumerate() {
             let s = p.scale[if p.scale.len() == 1 { 0 } else { c }];
@@ -256,8 +273,9 @@ impl TypedOp for FakeQuant {
     as_op!();
 }
 
-/// The last result of a weight or bias site and the parameters it was computed with.
-type WeightCache = Mutex<Option<(QParams, TValue)>>;
+/// The last result of a weight or bias site and the parameters (and bias values) it was computed
+/// with.
+type WeightCache = Mutex<Option<(QParams, Vec<f32>, TValue)>>;
 
 /// The last inputs of a memoized node and its outputs for them.
 type MemoCache = Mutex<Option<(TVec<TValue>, TVec<TValue>)>>;
@@ -479,7 +497,8 @@ impl QuantModel {
         ensure!(
             params.activations.len() == self.table.activations
                 && params.weights.len() == self.table.weights
-                && params.biases.len() == self.table.betas.len(),
+                && params.biases.len() == self.table.betas.len()
+                && params.bias_values.len() == self.table.betas.len(),
             "parameters do not match the oracle's sites"
         );
         *self.table.write()? = Some(params.clone());

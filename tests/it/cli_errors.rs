@@ -243,3 +243,46 @@ fn unsupported_bit_widths_are_refused() {
         assert!(!out.exists());
     }
 }
+
+#[test]
+fn bad_labels_are_refused_naming_the_file() {
+    let dir = tempdir();
+    let calib = fixture("classifier").join("calib.npz");
+    let cases: [(&str, &str, &str); 3] = [
+        (
+            "short.txt",
+            "1\n2\n3\n",
+            "3 labels for 16 calibration samples",
+        ),
+        ("word.txt", "1\ncat\n", "line 2: 'cat' is not a class index"),
+        ("range.txt", &"42\n".repeat(16), "label 42 of sample"),
+    ];
+    for (file, text, expected) in cases {
+        let labels = dir.path().join(file);
+        std::fs::write(&labels, text).unwrap();
+        let out = dir.path().join("q.onnx");
+        let o = lapq(&[
+            "quantize",
+            fixture("classifier").join("model.onnx").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--calib",
+            calib.to_str().unwrap(),
+            "--method",
+            "lapq",
+            "--labels",
+            labels.to_str().unwrap(),
+            "--quiet",
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.contains(expected), "{file}: {err}");
+        if expected.starts_with("label ") {
+            assert!(err.contains("calib.npz[0]"), "{err}");
+        } else {
+            assert!(err.contains(file), "{err}");
+        }
+        assert!(!out.exists());
+    }
+}

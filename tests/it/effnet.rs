@@ -42,8 +42,9 @@ fn effnet_per_channel_fuses_every_conv_add_and_gemm() {
 /// two faithful engines running the exported file, tract and ONNX Runtime unfused, measured in the same
 /// test...
 const DEEP_GAP_VS_ENGINE_GAP: f64 = 1.5;
-/// ...and a small fraction of the quantization error itself.
-const DEEP_GAP_VS_QUANT_ERROR: f64 = 0.4;
+/// ...and a fraction of the quantization error itself. With bias correction, W8A8 per-channel error
+/// is down to 0.074 while the two engines differ by 0.036 on the same file (measured): the floor.
+const DEEP_GAP_VS_QUANT_ERROR: f64 = 0.5;
 
 fn rel_rms(a: &[f32], b: &[f32], scale: &[f32]) -> f64 {
     let rms = |v: &mut dyn Iterator<Item = f32>| {
@@ -87,12 +88,13 @@ fn effnet_oracle_matches_onnx_runtime_unfused() {
                 max_samples: None,
                 seed: 0,
                 image: ImageConfig::default(),
+                labels: None,
             },
             progress: false,
         };
         lapq::quantize(&job).unwrap();
         let c = lapq::calibrate(&job).unwrap();
-        let oracle = lapq::oracle(&c, c.samples.clone(), 8).unwrap();
+        let oracle = lapq::oracle(&c, c.samples.len(), 8).unwrap();
         let ours: Vec<f32> = oracle
             .outputs(&c.params)
             .unwrap()

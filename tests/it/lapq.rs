@@ -41,6 +41,7 @@ fn lapq_lowers_the_loss_and_exports_what_it_optimised() {
                 max_samples: None,
                 seed: 0,
                 image: ImageConfig::default(),
+                labels: None,
             },
             progress: false,
         };
@@ -68,4 +69,83 @@ fn lapq_lowers_the_loss_and_exports_what_it_optimised() {
             r.final_loss
         );
     }
+}
+
+/// With labels the loss is cross-entropy against them, on the samples drawn; the search still
+/// lowers it, and ONNX Runtime's cross-entropy on the exported file is the one LAPQ reached.
+#[test]
+fn lapq_with_labels_minimises_cross_entropy() {
+    let dir = tempdir();
+    let calib = fixture("classifier").join("calib.npz");
+    let float = ort_outputs(
+        &fixture("classifier").join("model.onnx"),
+        &calib,
+        "disabled",
+    );
+    let k = 10;
+    // Labels: the float model's second choice, so that the float model is not already perfect.
+    let second = |row: &[f32]| {
+        let mut idx: Vec<usize> = (0..k).collect();
+        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        idx[1]
+    };
+    let labels: Vec<usize> = float[0].chunks(k).map(second).collect();
+    let labels_path = dir.path().join("labels.txt");
+    let text: String = labels.iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&labels_path, format!("# second choices\n{text}")).unwrap();
+    let out = dir.path().join("q.onnx");
+    let job = Job {
+        model: fixture("classifier").join("model.onnx"),
+        output: out.clone(),
+        quant: QuantConfig {
+            weight_bits: 4,
+            act_bits: 4,
+            weight_method: Method::Lapq,
+            act_method: Method::Lapq,
+            max_evals: 60,
+            lapq_samples: 12,
+            ..Default::default()
+        },
+        data: DataConfig {
+            path: calib.clone(),
+            max_samples: Some(14),
+            seed: 3,
+            image: ImageConfig::default(),
+            labels: Some(labels_path),
+        },
+        progress: false,
+    };
+    let report = lapq::quantize(&job).unwrap();
+    let r = report.lapq.expect("LAPQ ran");
+    assert_eq!(r.loss, lapq::calib::LossKind::CrossEntropy);
+    assert!(r.final_loss <= r.init_loss, "{r:?}");
+    // The first 12 of the 14 samples drawn with seed 3, with their own labels.
+    let c = lapq::calibrate(&Job {
+        quant: QuantConfig::default(),
+        ..job.clone()
+    })
+    .unwrap();
+    let drawn: Vec<usize> = c
+        .samples
+        .iter()
+        .map(|s| {
+            let i = s.origin.rsplit('[').next().unwrap().trim_end_matches(']');
+            i.parse().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        c.labels.as_deref().unwrap(),
+        drawn.iter().map(|&i| labels[i]).collect::<Vec<_>>()
+    );
+    let quant = ort_outputs(&out, &calib, "disabled");
+    let ce: f64 = drawn[..12]
+        .iter()
+        .map(|&i| lapq::calib::cross_entropy(&quant[0][i * k..(i + 1) * k], labels[i]))
+        .sum::<f64>()
+        / 12.0;
+    assert!(
+        (ce - r.final_loss).abs() <= 0.05 * r.final_loss,
+        "ONNX Runtime's cross-entropy {ce} vs LAPQ's {}",
+        r.final_loss
+    );
 }

@@ -30,6 +30,7 @@ fn job(name: &str, out: &Path, per_channel: bool, weight_bits: u8, act_bits: u8)
             max_samples: None,
             seed: 0,
             image: ImageConfig::default(),
+            labels: None,
         },
         progress: false,
     }
@@ -178,7 +179,7 @@ fn oracle_matches_onnx_runtime_unfused_on_fixtures() {
             j.quant = quant;
             lapq::quantize(&j).unwrap();
             let c = lapq::calibrate(&j).unwrap();
-            let oracle = lapq::oracle(&c, c.samples.clone(), 4).unwrap();
+            let oracle = lapq::oracle(&c, c.samples.len(), 4).unwrap();
             let ours = oracle.outputs(&c.params).unwrap();
             let ort = ort_outputs(&out, &j.data.path, "disabled");
             assert_fidelity(&what, &gap(&ours, &ort, &output_steps(&c)));
@@ -191,7 +192,7 @@ fn changing_parameters_never_rebuilds() {
     let dir = tempdir();
     let j = job("classifier", &dir.path().join("q.onnx"), true, 8, 8);
     let c = lapq::calibrate(&j).unwrap();
-    let oracle = lapq::oracle(&c, c.samples.clone(), 16).unwrap();
+    let oracle = lapq::oracle(&c, c.samples.len(), 16).unwrap();
     let first = oracle.loss(&c.params).unwrap();
     let built = oracle.model().plans_built();
     let mut coarse = c.params.clone();
@@ -219,7 +220,7 @@ fn single_site_tails_give_the_full_network_loss() {
     for name in ["residual_add", "classifier", "matmul", "concat"] {
         let j = job(name, &dir.path().join("q.onnx"), true, 8, 8);
         let c = lapq::calibrate(&j).unwrap();
-        let oracle = lapq::oracle(&c, c.samples.clone(), 4).unwrap();
+        let oracle = lapq::oracle(&c, c.samples.len(), 4).unwrap();
         let (acts, weights) = (c.params.activations.len(), c.params.weights.len());
         let slots = acts + weights + c.params.biases.len();
         let base = oracle.loss(&c.params).unwrap();

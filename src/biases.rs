@@ -1,0 +1,148 @@
+//! The float biases of a run and their correction: each corrected layer's bias absorbs the mean shift
+//! its quantized weights add to its output channels (maths in `calib::bias`), before the bias is
+//! quantized to int32. Used by every method's calibration and inside LAPQ's loss.
+
+use std::sync::Mutex;
+
+use anyhow::{Context, Result, anyhow, ensure};
+
+use crate::calib::bias::{Window, WindowMeans, mean_shift};
+use crate::calib::{self, Params, QParams};
+use crate::ir::{GraphIndex, QuantPlan};
+use crate::onnx;
+
+/// What one layer's correction needs: its weights as float, how they meet the input, and the
+/// input's window means over the calibration data.
+struct Correction {
+    window: Window,
+    wdims: Vec<usize>,
+    weights: Vec<f32>,
+    means: WindowMeans,
+}
+
+/// Bias values of every bias site, decoded once per run, and the corrections of the layers that get
+/// one (aligned with the plan's bias sites).
+pub(crate) struct Biases {
+    /// Float bias times Gemm's beta.
+    values: Vec<Vec<f32>>,
+    corrections: Vec<Option<Correction>>,
+    cache: ShiftCache,
+}
+
+/// The last shift of each bias site and the weight parameters it was computed with.
+type ShiftCache = Mutex<Vec<Option<(QParams, Vec<f32>)>>>;
+
+impl Biases {
+    /// `means[b]` holds the window means of bias site `b`'s layer input when it is corrected.
+    pub(crate) fn new(
+        index: &GraphIndex,
+        plan: &QuantPlan,
+        means: &[Option<WindowMeans>],
+    ) -> Result<Biases> {
+        let mut values = Vec::with_capacity(plan.biases.len());
+        let mut corrections = Vec::with_capacity(plan.biases.len());
+        for (k, b) in plan.biases.iter().enumerate() {
+            let t = index
+                .constant(&b.tensor)
+                .with_context(|| format!("bias '{}' is not a constant", b.tensor))?
+                .tensor();
+            values.push(
+                onnx::tensor_f32(t)?
+                    .into_iter()
+                    .map(|v| v * b.beta)
+                    .collect(),
+            );
+            let correction = match (&b.window, means.get(k).and_then(Option::as_ref)) {
+                (Some(window), Some(m)) if m.count > 0 => {
+                    let w = &plan.weights[b.weight].tensor;
+                    let wt = index
+                        .constant(w)
+                        .with_context(|| format!("weight '{w}' is not a constant"))?
+                        .tensor();
+                    Some(Correction {
+                        window: window.clone(),
+                        wdims: onnx::tensor_dims(wt)?,
+                        weights: onnx::tensor_f32(wt)?,
+                        means: m.clone(),
+                    })
+                }
+                _ => None,
+            };
+            corrections.push(correction);
+        }
+        Ok(Biases {
+            cache: Mutex::new(vec![None; values.len()]),
+            values,
+            corrections,
+        })
+    }
+
+    /// Completes activation and weight parameters with the corrected float biases and their int32
+    /// parameters, after the overflow guard has enlarged any weight scale that needs it.
+    pub(crate) fn params(
+        &self,
+        plan: &QuantPlan,
+        activations: Vec<QParams>,
+        mut weights: Vec<QParams>,
+    ) -> Result<Params> {
+        for (b, values) in plan
+            .biases
+            .iter()
+            .zip(&self.corrected_values(plan, &weights)?)
+        {
+            calib::guard_bias_overflow(
+                activations[b.input].scale[0],
+                &mut weights[b.weight].scale,
+                values,
+            );
+        }
+        // The corrections of the (rare) weights the guard coarsened.
+        let bias_values = self.corrected_values(plan, &weights)?;
+        let biases = plan
+            .biases
+            .iter()
+            .map(|b| calib::bias_params(activations[b.input].scale[0], &weights[b.weight]))
+            .collect();
+        Ok(Params {
+            activations,
+            weights,
+            biases,
+            bias_values,
+        })
+    }
+
+    /// Each site's float bias plus the shift that cancels its layer's weight quantization.
+    fn corrected_values(&self, plan: &QuantPlan, weights: &[QParams]) -> Result<Vec<Vec<f32>>> {
+        let mut cache = self
+            .cache
+            .lock()
+            .map_err(|_| anyhow!("bias correction cache poisoned"))?;
+        let mut out = Vec::with_capacity(self.values.len());
+        for (k, (b, values)) in plan.biases.iter().zip(&self.values).enumerate() {
+            let Some(c) = &self.corrections[k] else {
+                out.push(values.clone());
+                continue;
+            };
+            let p = &weights[b.weight];
+            let shift = match &cache[k] {
+                Some((cached, shift)) if cached == p => shift.clone(),
+                _ => {
+                    let mut w_hat = c.weights.clone();
+                    p.fake_quant_in_place(&mut w_hat, &c.wdims);
+                    let shift = mean_shift(&c.window, &c.wdims, &c.weights, &w_hat, &c.means);
+                    cache[k] = Some((p.clone(), shift.clone()));
+                    shift
+                }
+            };
+            ensure!(
+                shift.len() == values.len(),
+                "bias '{}' has {} values for {} output channels",
+                b.tensor,
+                values.len(),
+                shift.len()
+            );
+            out.push(values.iter().zip(&shift).map(|(v, s)| v + s).collect());
+        }
+        Ok(out)
+    }
+}
