@@ -17,12 +17,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ortcheck  # noqa: E402
 
-CONFIDENT_PROB = 0.3
 LAPQ_METHODS = ("minmax", "percentile", "entropy", "mse")
 
 
@@ -38,19 +35,13 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.out_dir, exist_ok=True)
 
-    data = dict(np.load(args.eval))
-    float_logits = next(iter(ortcheck.run_per_sample(args.model, data).values()))
-    float_top1 = float_logits.argmax(axis=1)
-    confident = ortcheck.softmax(float_logits.astype(np.float64)).max(axis=1) > CONFIDENT_PROB
+    agreement = ortcheck.Agreement(args.model, args.eval)
 
     def score(path):
-        ok, error = ortcheck.check_model(path)
-        if not ok:
-            return f"checker FAILED: {error.splitlines()[0]}"
-        logits = next(iter(ortcheck.run_per_sample(path, data).values()))
-        agree = logits.argmax(axis=1) == float_top1
-        return (f"{agree.mean():6.1%} ({agree.sum()}/{len(agree)})  "
-                f"{agree[confident].mean():6.1%} ({agree[confident].sum()}/{confident.sum()})")
+        try:
+            return agreement.describe(path)
+        except RuntimeError as e:
+            return str(e)
 
     rows = []
     for config in args.configs.split(","):
@@ -86,17 +77,9 @@ def main():
                 except Exception as e:  # noqa: BLE001 - report what ORT cannot do, keep going
                     result = f"ORT cannot: {type(e).__name__}: {str(e).splitlines()[0][:80]}"
                 rows.append((tag, label, result, time.perf_counter() - t))
-            print_rows(rows[-(len(LAPQ_METHODS) + len(ort_runs)):], header=True)
+            ortcheck.print_rows(rows[-(len(LAPQ_METHODS) + len(ort_runs)):])
     print("\nAll configurations (top-1 agreement with the float model: all crops, confident crops):")
-    print_rows(rows, header=True)
-
-
-def print_rows(rows, header):
-    if header:
-        print(f"{'config':<22} {'method':<30} {'all crops':<17} {'confident crops':<17} {'seconds':>7}")
-    for tag, label, result, seconds in rows:
-        print(f"{tag:<22} {label:<30} {result}  {seconds:7.1f}")
-    sys.stdout.flush()
+    ortcheck.print_rows(rows)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Helpers shared by check_qdq.py, calibrate_tiers.py and compare_ort.py: ONNX checker, ORT sessions,
-op counts of ORT's optimized graph, output comparison metrics, and ORT's own quantize_static."""
+"""Helpers shared by the check and comparison scripts: ONNX checker, ORT sessions, op counts of ORT's
+optimized graph, output comparison metrics, ORT's own quantize_static, top-1 agreement tables."""
 import collections
 import os
+import sys
 import tempfile
 
 import numpy as np
@@ -124,21 +125,61 @@ class NpzReader(oq.CalibrationDataReader):
 
 
 def ort_quantize(float_path, calib_npz, out_path, per_channel=True, method="minmax",
-                 weight_type="int8", extra_options=None):
-    """ONNX Runtime's own static quantization: QDQ, uint8 activations, int8 (or int4) weights, with
-    its MinMax, Entropy or Percentile calibrator (extra_options as quantize_static takes them)."""
+                 weight_type="int8", extra_options=None, activation_type="uint8"):
+    """ONNX Runtime's own static quantization: QDQ, uint8 (or uint4) activations, int8 (or int4)
+    weights, with its MinMax, Entropy or Percentile calibrator (extra_options as quantize_static
+    takes them)."""
     methods = {
         "minmax": oq.CalibrationMethod.MinMax,
         "entropy": oq.CalibrationMethod.Entropy,
         "percentile": oq.CalibrationMethod.Percentile,
     }
     weights = {"int8": oq.QuantType.QInt8, "int4": oq.QuantType.QInt4}
+    activations = {"uint8": oq.QuantType.QUInt8, "uint4": oq.QuantType.QUInt4}
     oq.quantize_static(
         str(float_path), str(out_path), NpzReader(calib_npz),
         quant_format=oq.QuantFormat.QDQ,
         per_channel=per_channel,
-        activation_type=oq.QuantType.QUInt8,
+        activation_type=activations[activation_type],
         weight_type=weights[weight_type],
         calibrate_method=methods[method],
         extra_options=extra_options or {},
     )
+
+
+CONFIDENT_PROB = 0.3
+
+
+class Agreement:
+    """Top-1 agreement with a float classifier on an evaluation npz, from ONNX Runtime's outputs, over
+    all crops and over the crops the float model is confident about (p > CONFIDENT_PROB)."""
+
+    def __init__(self, float_path, eval_npz):
+        self.data = dict(np.load(eval_npz))
+        logits = next(iter(run_per_sample(float_path, self.data).values()))
+        self.top1 = logits.argmax(axis=1)
+        self.confident = softmax(logits.astype(np.float64)).max(axis=1) > CONFIDENT_PROB
+
+    def score(self, path):
+        """(all, confident) agreement of the model at `path`, after onnx.checker's full check."""
+        ok, error = check_model(path)
+        if not ok:
+            raise RuntimeError(f"checker FAILED: {error.splitlines()[0]}")
+        logits = next(iter(run_per_sample(path, self.data).values()))
+        agree = logits.argmax(axis=1) == self.top1
+        return agree.mean(), agree[self.confident].mean()
+
+    def describe(self, path):
+        """One cell of a table: both agreements, with counts."""
+        a, c = self.score(path)
+        n, nc = len(self.top1), int(self.confident.sum())
+        return f"{a:6.1%} ({round(a * n)}/{n})  {c:6.1%} ({round(c * nc)}/{nc})"
+
+
+def print_rows(rows, header=True):
+    """Rows of (configuration, method, result, seconds) as one aligned table."""
+    if header:
+        print(f"{'config':<22} {'method':<34} {'all crops':<17} {'confident crops':<17} {'seconds':>7}")
+    for tag, label, result, seconds in rows:
+        print(f"{tag:<22} {label:<34} {result}  {seconds:7.1f}")
+    sys.stdout.flush()

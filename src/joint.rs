@@ -111,7 +111,7 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
     lap("lp init and p fit", &mut seconds);
 
     let optimised: Vec<String> = coords.iter().map(|k| k.name(&c.plan)).collect();
-    let (powell, params, final_loss) = if coords.is_empty() {
+    let (powell, params, final_loss) = if coords.is_empty() || config.max_iters == 0 {
         (None, init, init_loss)
     } else {
         let map = Mapping {

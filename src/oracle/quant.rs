@@ -411,6 +411,15 @@ pub struct QuantModel {
     table: Arc<Table>,
     /// The fake-quantization node of each slot in the prepared model.
     fq_nodes: Vec<usize>,
+    /// The head and tail models of every slot focused on so far (their plans are built once).
+    tails: Mutex<HashMap<usize, Arc<TailModels>>>,
+}
+
+/// A slot's split of the network: the head computes the values entering the part downstream of the
+/// slot (only what lies upstream runs), the tail computes the outputs from those values.
+struct TailModels {
+    head: Plans,
+    tail: Plans,
 }
 
 impl QuantModel {
@@ -483,6 +492,7 @@ impl QuantModel {
             builds,
             table,
             fq_nodes,
+            tails: Mutex::new(HashMap::new()),
         })
     }
 
@@ -556,6 +566,32 @@ impl QuantModel {
     /// first, then weights, then biases): runs the network once with the current parameters, keeps the
     /// values entering the part downstream of the site, and builds that part alone.
     pub fn tail(&self, slot: usize, samples: &[Sample], batch: usize) -> Result<Tail> {
+        let models = self.tail_models(slot)?;
+        let groups = batches(samples, batch.max(1));
+        let cache = par_map(&groups, |range| {
+            let (facts, inputs, rows) = batch_inputs(&samples[range.clone()])?;
+            let values = models
+                .head
+                .get(&facts)?
+                .run(inputs)
+                .map_err(|e| anyhow!("running the quantized model: {e:#}"))?;
+            Ok((values, rows))
+        })?;
+        for (values, _) in &cache {
+            models.tail.get(&value_facts(values))?;
+        }
+        Ok(Tail { models, cache })
+    }
+
+    /// The head and tail models of `slot`, split once and kept for later focus on the same slot.
+    fn tail_models(&self, slot: usize) -> Result<Arc<TailModels>> {
+        let mut tails = self
+            .tails
+            .lock()
+            .map_err(|_| anyhow!("tail cache poisoned"))?;
+        if let Some(t) = tails.get(&slot) {
+            return Ok(t.clone());
+        }
         let template = &self.plans.template;
         let focus = *self.fq_nodes.get(slot).context("no such site")?;
         let order = template.eval_order()?;
@@ -620,36 +656,16 @@ impl QuantModel {
         }
         tail.select_output_outlets(&outputs.iter().map(|o| map[o]).collect::<Vec<_>>())?;
         let mut head = template.clone();
-        let mut head_outputs = outputs.clone();
-        head_outputs.extend(&boundary);
-        head.select_output_outlets(&head_outputs)?;
-        for k in 0..head_outputs.len() {
+        head.select_output_outlets(&boundary)?;
+        for k in 0..boundary.len() {
             head.set_output_fact(k, InferenceFact::default())?;
         }
-        let head = Plans::new(head, self.builds.clone());
-        let groups = batches(samples, batch.max(1));
-        let cache = par_map(&groups, |range| {
-            let (facts, inputs, rows) = batch_inputs(&samples[range.clone()])?;
-            let values = head
-                .get(&facts)?
-                .run(inputs)
-                .map_err(|e| anyhow!("running the quantized model: {e:#}"))?;
-            Ok((
-                values
-                    .into_iter()
-                    .skip(outputs.len())
-                    .collect::<TVec<TValue>>(),
-                rows,
-            ))
-        })?;
-        let tail = Tail {
-            plans: Plans::new(tail, self.builds.clone()),
-            cache,
-        };
-        for (values, _) in &tail.cache {
-            tail.plans.get(&value_facts(values))?;
-        }
-        Ok(tail)
+        let models = Arc::new(TailModels {
+            head: Plans::new(head, self.builds.clone()),
+            tail: Plans::new(tail, self.builds.clone()),
+        });
+        tails.insert(slot, models.clone());
+        Ok(models)
     }
 
     /// Re-evaluates after a change to the tail's site only: runs the cached boundary through the tail.
@@ -657,7 +673,7 @@ impl QuantModel {
     /// The result equals `run` as long as no other site's parameters changed since `tail` was built.
     pub fn run_tail(&self, tail: &Tail) -> Result<Vec<SampleOutputs>> {
         let per_group = par_map(&tail.cache, |(values, rows)| {
-            let plan = tail.plans.get(&value_facts(values))?;
+            let plan = tail.models.tail.get(&value_facts(values))?;
             let outputs = plan
                 .run(values.clone())
                 .map_err(|e| anyhow!("running the quantized tail: {e:#}"))?;
@@ -669,7 +685,7 @@ impl QuantModel {
 
 /// The network downstream of one site and the values entering it, per batch.
 pub struct Tail {
-    plans: Plans,
+    models: Arc<TailModels>,
     cache: Vec<(TVec<TValue>, Vec<usize>)>,
 }
 

@@ -18,41 +18,15 @@ const FIXTURES: &[(&str, &str)] = &[
     ("external_data", "Conv"),
 ];
 
-#[test]
-fn every_fixture_per_channel_matches_onnx_runtime_and_fuses() {
+/// Quantizes every fixture with `options` (and `--report`), then runs the independent check at
+/// `tier`, expecting its fused op types unless `expect_fused` says otherwise for its report.
+fn check_every_fixture(
+    options: &[&str],
+    tier: &str,
+    expect_fused: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<(String, serde_json::Value, serde_json::Value)> {
     let dir = tempdir();
-    for (name, fused) in FIXTURES {
-        let (model, calib) = (
-            fixture(name).join("model.onnx"),
-            fixture(name).join("calib.npz"),
-        );
-        let out = dir.path().join(format!("{name}.onnx"));
-        quantize(&model, &out, &calib, &["--quiet"]);
-        let report = check_qdq(&model, &out, &calib, "w8a8", fused);
-        assert_eq!(report["pass"], true, "{name}: {report}");
-    }
-}
-
-#[test]
-fn every_fixture_per_tensor_matches_onnx_runtime() {
-    let dir = tempdir();
-    for (name, fused) in FIXTURES {
-        let (model, calib) = (
-            fixture(name).join("model.onnx"),
-            fixture(name).join("calib.npz"),
-        );
-        let out = dir.path().join(format!("{name}.onnx"));
-        quantize(&model, &out, &calib, &["--quiet", "--per-tensor"]);
-        check_qdq(&model, &out, &calib, "w8a8_per_tensor", fused);
-    }
-}
-
-/// Symmetric int8 activations: Relu/Clip stay (zero point 0 does not saturate negatives), their
-/// inputs take their output range, and the outputs stay within the W8A8 tier. They fuse as uint8
-/// ones do, except around int8 tensors read by several nodes, which the report names.
-#[test]
-fn every_fixture_with_symmetric_activations_matches_onnx_runtime() {
-    let dir = tempdir();
+    let mut checked = vec![];
     for (name, fused) in FIXTURES {
         let (model, calib) = (
             fixture(name).join("model.onnx"),
@@ -62,33 +36,44 @@ fn every_fixture_with_symmetric_activations_matches_onnx_runtime() {
             dir.path().join(format!("{name}.onnx")),
             dir.path().join(format!("{name}.json")),
         );
-        quantize(
-            &model,
-            &out,
-            &calib,
-            &[
-                "--quiet",
-                "--symmetric-activations",
-                "--report",
-                report.to_str().unwrap(),
-            ],
-        );
+        let mut args = vec!["--quiet", "--report", report.to_str().unwrap()];
+        args.extend_from_slice(options);
+        quantize(&model, &out, &calib, &args);
         let report: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-        let shared = report["warnings"]
+        let fused = if expect_fused(&report) { fused } else { "" };
+        let result = check_qdq(&model, &out, &calib, tier, fused);
+        checked.push((name.to_string(), report, result));
+    }
+    checked
+}
+
+#[test]
+fn every_fixture_per_channel_matches_onnx_runtime_and_fuses() {
+    check_every_fixture(&[], "w8a8", |_| true);
+}
+
+#[test]
+fn every_fixture_per_tensor_matches_onnx_runtime() {
+    check_every_fixture(&["--per-tensor"], "w8a8_per_tensor", |_| true);
+}
+
+/// Symmetric int8 activations: Relu/Clip stay (zero point 0 does not saturate negatives), their
+/// inputs take their output range, and the outputs stay within the W8A8 tier. They fuse as uint8
+/// ones do, except around int8 tensors read by several nodes, which the report names.
+#[test]
+fn every_fixture_with_symmetric_activations_matches_onnx_runtime() {
+    let shared = |report: &serde_json::Value| {
+        report["warnings"]
             .as_array()
             .unwrap()
             .iter()
-            .any(|w| w.as_str().unwrap().contains("read by several nodes"));
-        let checked = check_qdq(
-            &model,
-            &out,
-            &calib,
-            "w8a8",
-            if shared { "" } else { fused },
-        );
-        if shared {
-            let left = checked["fusion"]["float_ops_left"].as_object().unwrap();
+            .any(|w| w.as_str().unwrap().contains("read by several nodes"))
+    };
+    let checked = check_every_fixture(&["--symmetric-activations"], "w8a8", |r| !shared(r));
+    for (name, report, result) in checked {
+        if shared(&report) {
+            let left = result["fusion"]["float_ops_left"].as_object().unwrap();
             assert!(!left.is_empty(), "{name}: warned, yet everything fused");
         }
     }
@@ -98,21 +83,7 @@ fn every_fixture_with_symmetric_activations_matches_onnx_runtime() {
 /// the W8A8 tier; ONNX Runtime runs them unfused.
 #[test]
 fn every_fixture_with_16_bit_activations_matches_onnx_runtime() {
-    let dir = tempdir();
-    for (name, _) in FIXTURES {
-        let (model, calib) = (
-            fixture(name).join("model.onnx"),
-            fixture(name).join("calib.npz"),
-        );
-        let out = dir.path().join(format!("{name}.onnx"));
-        quantize(
-            &model,
-            &out,
-            &calib,
-            &["--quiet", "--abits", "16", "--reduce-range"],
-        );
-        check_qdq(&model, &out, &calib, "w8a8", "");
-    }
+    check_every_fixture(&["--abits", "16", "--reduce-range"], "w8a8", |_| false);
 }
 
 #[test]

@@ -253,6 +253,21 @@ fn single_site_tails_give_the_full_network_loss() {
                 built,
                 "{name} slot {slot}: evaluations rebuilt a plan"
             );
+            // Focusing on the slot again (a later sweep) reuses its head and tail plans, and the
+            // new boundary values follow the parameters upstream.
+            let mut moved = c.params.clone();
+            moved.activations[0].scale[0] *= 1.3;
+            let again = oracle.focus(slot, &moved).unwrap();
+            assert_eq!(
+                oracle.model().plans_built(),
+                built,
+                "{name} slot {slot}: a second focus rebuilt a plan"
+            );
+            assert_eq!(
+                oracle.loss_in(&again, &moved).unwrap(),
+                oracle.loss(&moved).unwrap(),
+                "{name} slot {slot}: stale boundary values"
+            );
         }
     }
 }
