@@ -174,13 +174,14 @@ impl Report {
     pub fn summary(&self) -> String {
         let mut s = format!(
             "wrote {} ({} quantized nodes, {} activations folded, {} nodes float; {} activation and {} weight \
-             sites; {} calibration samples; {:.1} s)",
+             sites; {} biases corrected; {} calibration samples; {:.1} s)",
             self.output,
             self.nodes_quantized,
             self.nodes_folded,
             self.nodes_float,
             self.activations.len(),
             self.weights.len(),
+            self.biases_corrected,
             self.calibration_samples,
             self.timings.total_ms as f64 / 1000.0
         );
