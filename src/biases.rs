@@ -33,6 +33,11 @@ pub(crate) struct Biases {
 type ShiftCache = Mutex<Vec<Option<(QParams, Vec<f32>)>>>;
 
 impl Biases {
+    /// Layers whose bias is corrected.
+    pub(crate) fn corrected(&self) -> usize {
+        self.corrections.iter().flatten().count()
+    }
+
     /// `means[b]` holds the window means of bias site `b`'s layer input when it is corrected.
     pub(crate) fn new(
         index: &GraphIndex,
@@ -85,19 +90,19 @@ impl Biases {
         activations: Vec<QParams>,
         mut weights: Vec<QParams>,
     ) -> Result<Params> {
-        for (b, values) in plan
-            .biases
-            .iter()
-            .zip(&self.corrected_values(plan, &weights)?)
-        {
-            calib::guard_bias_overflow(
+        let mut bias_values = self.corrected_values(plan, &weights)?;
+        let mut guarded = false;
+        for (b, values) in plan.biases.iter().zip(&bias_values) {
+            guarded |= calib::guard_bias_overflow(
                 activations[b.input].scale[0],
                 &mut weights[b.weight].scale,
                 values,
             );
         }
-        // The corrections of the (rare) weights the guard coarsened.
-        let bias_values = self.corrected_values(plan, &weights)?;
+        if guarded {
+            // The corrections of the (rare) weights the guard coarsened.
+            bias_values = self.corrected_values(plan, &weights)?;
+        }
         let biases = plan
             .biases
             .iter()

@@ -64,7 +64,7 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
     let n = config.lapq_samples.clamp(1, c.samples.len().max(1));
     let oracle = crate::oracle(c, n, 1)?;
     let weights = WeightValues::read(&index, &c.plan)?;
-    let biases = Biases::new(&index, &c.plan, &c.bias_means)?;
+    let biases = &c.biases;
     lap("oracle", &mut seconds);
 
     let coords = coordinates(&c.plan, config);
@@ -85,7 +85,7 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
     let mut inits = vec![];
     let mut p_losses = vec![];
     for &p in &p_grid {
-        let params = lp_init(&oracle, &c.plan, &weights, &biases, p, &c.params)?;
+        let params = lp_init(&oracle, &c.plan, &weights, biases, p, &c.params)?;
         let loss = eval(&oracle, &params)?;
         bar.set_message(format!(
             "p {p:.2}: loss {loss:.4} (minmax {minmax_loss:.4})"
@@ -102,7 +102,7 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
         .map(|((&p, &l), params)| (p, l, params.clone()))
         .context("empty p grid")?;
     if !fit.guarded {
-        let params = lp_init(&oracle, &c.plan, &weights, &biases, fit.p_star, &c.params)?;
+        let params = lp_init(&oracle, &c.plan, &weights, biases, fit.p_star, &c.params)?;
         let loss = eval(&oracle, &params)?;
         if loss < init_loss {
             (p_used, init_loss, init) = (fit.p_star, loss, params);
@@ -116,7 +116,7 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
     } else {
         let map = Mapping {
             plan: &c.plan,
-            biases: &biases,
+            biases,
             base: init.clone(),
             ceiling: &c.params,
             coords: coords.clone(),

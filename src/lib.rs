@@ -43,7 +43,7 @@ pub fn quantize(job: &Job) -> Result<Report> {
     );
     report.lapq = c.lapq;
     report.warnings = qdq.warnings;
-    report.biases_corrected = c.bias_means.iter().flatten().count();
+    report.biases_corrected = c.biases.corrected();
     Ok(report)
 }
 
@@ -56,8 +56,8 @@ pub struct Calibrated {
     pub params: Params,
     /// Range statistics per activation site (`None` where fixed or shared).
     pub stats: Vec<Option<RangeStats>>,
-    /// Window means of each bias site's layer input (`None` where the bias is not corrected).
-    pub bias_means: Vec<Option<WindowMeans>>,
+    /// Float biases and their corrections, decoded once for export and LAPQ.
+    pub(crate) biases: Biases,
     pub samples: Vec<data::Sample>,
     /// Class labels of the samples, when given.
     pub labels: Option<Vec<usize>>,
@@ -91,7 +91,7 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         plan,
         params,
         stats,
-        bias_means,
+        biases,
         samples,
         labels,
         timings,

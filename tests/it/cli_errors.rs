@@ -7,7 +7,12 @@ use crate::{fixture, lapq, python, tempdir};
 
 /// Runs `lapq quantize` expecting failure; returns stderr after checking the common contract.
 fn fails(model: &Path, out: &Path, calib: &Path) -> String {
-    let o = lapq(&[
+    fails_with(model, out, calib, &[])
+}
+
+/// `fails` with more options.
+fn fails_with(model: &Path, out: &Path, calib: &Path, options: &[&str]) -> String {
+    let mut args = vec![
         "quantize",
         model.to_str().unwrap(),
         "-o",
@@ -15,7 +20,9 @@ fn fails(model: &Path, out: &Path, calib: &Path) -> String {
         "--calib",
         calib.to_str().unwrap(),
         "--quiet",
-    ]);
+    ];
+    args.extend_from_slice(options);
+    let o = lapq(&args);
     let stderr = String::from_utf8_lossy(&o.stderr).to_string();
     assert_eq!(o.status.code(), Some(1), "expected exit 1: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
@@ -223,24 +230,16 @@ fn unknown_excluded_node_is_an_error() {
 fn unsupported_bit_widths_are_refused() {
     let dir = tempdir();
     for (flag, bits) in [("--abits", "12"), ("--wbits", "16"), ("--abits", "1")] {
-        let out = dir.path().join("q.onnx");
-        let o = lapq(&[
-            "quantize",
-            fixture("conv_relu").join("model.onnx").to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--calib",
-            fixture("conv_relu").join("calib.npz").to_str().unwrap(),
-            flag,
-            bits,
-        ]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{err}");
+        let err = fails_with(
+            &fixture("conv_relu").join("model.onnx"),
+            &dir.path().join("q.onnx"),
+            &fixture("conv_relu").join("calib.npz"),
+            &[flag, bits],
+        );
         assert!(
             err.starts_with(&format!("error: {flag} {bits}: supported widths")),
             "{err}"
         );
-        assert!(!out.exists());
     }
 }
 
@@ -260,29 +259,17 @@ fn bad_labels_are_refused_naming_the_file() {
     for (file, text, expected) in cases {
         let labels = dir.path().join(file);
         std::fs::write(&labels, text).unwrap();
-        let out = dir.path().join("q.onnx");
-        let o = lapq(&[
-            "quantize",
-            fixture("classifier").join("model.onnx").to_str().unwrap(),
-            "-o",
-            out.to_str().unwrap(),
-            "--calib",
-            calib.to_str().unwrap(),
-            "--method",
-            "lapq",
-            "--labels",
-            labels.to_str().unwrap(),
-            "--quiet",
-        ]);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(1), "{err}");
-        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        let err = fails_with(
+            &fixture("classifier").join("model.onnx"),
+            &dir.path().join("q.onnx"),
+            &calib,
+            &["--method", "lapq", "--labels", labels.to_str().unwrap()],
+        );
         assert!(err.contains(expected), "{file}: {err}");
         if expected.starts_with("label ") {
             assert!(err.contains("calib.npz[0]"), "{err}");
         } else {
             assert!(err.contains(file), "{err}");
         }
-        assert!(!out.exists());
     }
 }
