@@ -309,8 +309,9 @@ impl Oracle {
         Ok(self.loss_of(&outputs))
     }
 
-    /// LAPQ's layer-wise pass: the first `n` samples as one batch, each activation site's parameters
-    /// chosen by `observer` from its input with everything upstream already quantized.
+    /// LAPQ's layer-wise pass over the first `n` samples (on all cores), each activation site's
+    /// parameters chosen by `observer` from its input over all of them, with everything upstream
+    /// already quantized.
     pub fn calibrate_sequentially(
         &self,
         params: &crate::calib::Params,
@@ -318,8 +319,9 @@ impl Oracle {
         observer: std::sync::Arc<Observer>,
     ) -> Result<crate::calib::Params> {
         let n = n.clamp(1, self.samples.len().max(1));
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
         self.model
-            .calibrate_sequentially(params, &self.samples[..n], observer)
+            .calibrate_sequentially(params, &self.samples[..n], observer, cores)
     }
 
     /// Prepares cheap evaluations of parameters that differ from `params` at `slot` only (activation

@@ -93,6 +93,95 @@ impl std::fmt::Debug for Table {
 /// Sees an activation site's input (slot, values, shape) and may return new parameters for it.
 pub type Observer = dyn Fn(usize, &[f32], &[usize]) -> Option<QParams> + Send + Sync;
 
+thread_local! {
+    /// Which part of a parallel sequential calibration this thread runs.
+    static PARTY: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Joins what each part of a parallel sequential calibration shows at an activation site: the
+/// observer runs once per site, on the parts' values concatenated in part order, and every part
+/// waits for its answer. A part that ends (or fails) leaves, so the others never wait for it.
+struct Rendezvous {
+    inner: Arc<Observer>,
+    single: bool,
+    state: Mutex<Meetings>,
+    arrived: std::sync::Condvar,
+}
+
+struct Meetings {
+    parties: usize,
+    open: HashMap<usize, Meeting>,
+}
+
+#[derive(Default)]
+struct Meeting {
+    parts: std::collections::BTreeMap<usize, (Vec<f32>, Vec<usize>)>,
+    answer: Option<Option<QParams>>,
+    taken: usize,
+}
+
+impl Rendezvous {
+    fn new(parties: usize, inner: Arc<Observer>) -> Rendezvous {
+        Rendezvous {
+            inner,
+            single: parties <= 1,
+            state: Mutex::new(Meetings {
+                parties,
+                open: HashMap::new(),
+            }),
+            arrived: std::sync::Condvar::new(),
+        }
+    }
+
+    fn meet(&self, slot: usize, data: &[f32], dims: &[usize]) -> Option<QParams> {
+        if self.single {
+            return (self.inner)(slot, data, dims);
+        }
+        let mut state = self.state.lock().ok()?;
+        let meeting = state.open.entry(slot).or_default();
+        meeting
+            .parts
+            .insert(PARTY.get(), (data.to_vec(), dims.to_vec()));
+        loop {
+            let parties = state.parties;
+            let meeting = state.open.get_mut(&slot)?;
+            if meeting.answer.is_none() && meeting.parts.len() >= parties {
+                let all: Vec<f32> = meeting
+                    .parts
+                    .values()
+                    .flat_map(|(d, _)| d)
+                    .copied()
+                    .collect();
+                let mut dims = meeting.parts.values().next()?.1.clone();
+                if let Some(d0) = dims.first_mut() {
+                    *d0 = meeting
+                        .parts
+                        .values()
+                        .map(|(_, d)| d.first().copied().unwrap_or(1))
+                        .sum();
+                }
+                meeting.answer = Some((self.inner)(slot, &all, &dims));
+                self.arrived.notify_all();
+            }
+            if let Some(answer) = meeting.answer.clone() {
+                meeting.taken += 1;
+                if meeting.taken == meeting.parts.len() {
+                    state.open.remove(&slot);
+                }
+                return answer;
+            }
+            state = self.arrived.wait(state).ok()?;
+        }
+    }
+
+    fn leave(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.parties = state.parties.saturating_sub(1);
+            self.arrived.notify_all();
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct FakeQuant {
     slot: usize,
@@ -515,25 +604,63 @@ impl QuantModel {
         Ok(())
     }
 
-    /// Runs `samples` as one batch, in order on this thread, starting from `params`: every activation
-    /// site shows its input (computed with every upstream site already quantized with the parameters
-    /// the observer chose) to `observer`, which may choose new parameters for it. Returns the
-    /// parameters after the pass.
+    /// Runs `samples` through the network once, starting from `params`: every activation site shows
+    /// its input over all samples (computed with every upstream site already quantized with the
+    /// parameters the observer chose) to `observer`, which may choose new parameters for it. Returns
+    /// the parameters after the pass. The samples run in `parts` equal parts, one thread each (one
+    /// part when they do not divide evenly); the observer still sees each site once, its values in
+    /// sample order, so the result does not depend on `parts`.
     pub fn calibrate_sequentially(
         &self,
         params: &Params,
         samples: &[Sample],
         observer: Arc<Observer>,
+        parts: usize,
     ) -> Result<Params> {
+        // Equal parts run the same plan, so every part meets the sites in the same order.
+        let parts = match parts.min(samples.len()) {
+            k if k > 1 && samples.len().is_multiple_of(k) => k,
+            _ => 1,
+        };
+        let rendezvous = Arc::new(Rendezvous::new(parts, observer));
+        let groups: Vec<(usize, std::ops::Range<usize>)> = (0..parts)
+            .map(|k| {
+                (
+                    k,
+                    k * samples.len() / parts..(k + 1) * samples.len() / parts,
+                )
+            })
+            .collect();
         self.set_params(params)?;
-        self.table.set_observer(Some(observer))?;
-        let result = (|| {
-            let (facts, inputs, _) = batch_inputs(samples)?;
-            self.plans
-                .get(&facts)?
-                .run(inputs)
-                .map_err(|e| anyhow!("running the quantized model: {e:#}"))
-        })();
+        let meet = rendezvous.clone();
+        self.table.set_observer(Some(Arc::new(
+            move |slot: usize, data: &[f32], dims: &[usize]| meet.meet(slot, data, dims),
+        )))?;
+        // One thread per part: parts wait for each other at every site.
+        let result: Result<()> = std::thread::scope(|scope| {
+            let handles: Vec<_> = groups
+                .iter()
+                .map(|(party, range)| {
+                    let rendezvous = &rendezvous;
+                    scope.spawn(move || -> Result<()> {
+                        PARTY.set(*party);
+                        let run = (|| {
+                            let (facts, inputs, _) = batch_inputs(&samples[range.clone()])?;
+                            self.plans
+                                .get(&facts)?
+                                .run(inputs)
+                                .map_err(|e| anyhow!("running the quantized model: {e:#}"))
+                        })();
+                        rendezvous.leave();
+                        run.map(drop)
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("an oracle worker panicked")))
+            })
+        });
         self.table.set_observer(None)?;
         result?;
         self.table

@@ -271,3 +271,65 @@ fn single_site_tails_give_the_full_network_loss() {
         }
     }
 }
+
+/// The layer-wise pass splits its samples across threads; the observer must still see every site
+/// once, with the values the whole batch gives in sample order, and choose the same parameters.
+#[test]
+fn sequential_calibration_in_parts_matches_one_batch() {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempdir();
+    for name in ["residual_add", "depthwise_conv"] {
+        let j = job(name, &dir.path().join("q.onnx"), true, 8, 8);
+        let c = lapq::calibrate(&j).unwrap();
+        let n = c.samples.len() / 2 * 2;
+        assert!(n >= 4, "{name}: too few samples to split");
+        let sites = lapq::oracle_sites(&c).unwrap();
+        let model =
+            lapq::oracle::QuantModel::load(&lapq::onnx::encode_model(&c.model), &sites).unwrap();
+        let run = |parts: usize| {
+            type Seen = BTreeMap<usize, Vec<(Vec<u32>, Vec<usize>)>>;
+            let seen: Arc<Mutex<Seen>> = Arc::default();
+            let log = seen.clone();
+            // Each site's new range: its input's minimum and maximum, which depend on every
+            // upstream site's choice.
+            let observer = Arc::new(move |slot: usize, data: &[f32], dims: &[usize]| {
+                let bits = data.iter().map(|x| x.to_bits()).collect();
+                log.lock()
+                    .unwrap()
+                    .entry(slot)
+                    .or_default()
+                    .push((bits, dims.to_vec()));
+                let lo = data.iter().copied().fold(0f32, f32::min);
+                let hi = data.iter().copied().fold(0f32, f32::max);
+                lapq::calib::QParams::per_tensor(lapq::calib::Grid::U8_ASYM, lo, hi * 0.5).ok()
+            });
+            let after = model
+                .calibrate_sequentially(&c.params, &c.samples[..n], observer, parts)
+                .unwrap();
+            let seen = std::mem::take(&mut *seen.lock().unwrap());
+            (after, seen)
+        };
+        let (one, seen_one) = run(1);
+        let (two, seen_two) = run(2);
+        assert_eq!(
+            seen_one.len(),
+            c.params.activations.len(),
+            "{name}: sites seen"
+        );
+        assert!(
+            seen_one.values().all(|v| v.len() == 1),
+            "{name}: a site seen twice"
+        );
+        assert_eq!(seen_one, seen_two, "{name}: what the observer saw differs");
+        assert_eq!(
+            one.activations, two.activations,
+            "{name}: chosen parameters differ"
+        );
+        assert_ne!(
+            one.activations, c.params.activations,
+            "{name}: the observer had no effect"
+        );
+    }
+}
