@@ -103,10 +103,10 @@ def lapq_summary(report_path):
         lapq = json.load(f).get("lapq")
     if not lapq:
         return ""
-    powell = lapq.get("powell") or {}
+    sweeps = sum(max(len(phase["sweeps"]) - 1, 0) for phase in lapq.get("powell", []))
     return (f"  loss minmax {lapq['minmax_loss']:.3f} init {lapq['init_loss']:.3f}"
             f" (p {lapq['p_used']:.2f}) final {lapq['final_loss']:.3f},"
-            f" {lapq['evaluations']} evals, {max(len(powell.get('sweeps', [])) - 1, 0)} sweeps")
+            f" {lapq['evaluations']} evals, {sweeps} sweeps, {sum(lapq['seconds'].values()):.0f} s")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ pub struct QuantizeArgs {
     /// The p of the mse method's Lp-norm error (2 = mean squared error).
     #[arg(long, default_value_t = 2.0, value_name = "P")]
     pub lp: f64,
-    /// lapq: sweeps of Powell's joint search at most (0: stop after the Lp initialisation at p*).
+    /// lapq: sweeps of Powell's joint search at most (0: stop after the Lp initialisation at p*);
+    /// all but the last use half the loss samples.
     #[arg(long, default_value_t = 2, value_name = "N")]
     pub max_iters: usize,
     /// lapq: loss evaluations of Powell's joint search at most.

@@ -52,7 +52,7 @@ pub struct QuantConfig {
     pub lp: f64,
     /// Storage of sub-8-bit codes.
     pub container: Container,
-    /// LAPQ: sweeps of Powell's search at most.
+    /// LAPQ: sweeps of Powell's search at most (all but the last on half of `lapq_samples`).
     pub max_iters: usize,
     /// LAPQ: loss evaluations of Powell's search at most.
     pub max_evals: usize,

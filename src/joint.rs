@@ -43,12 +43,33 @@ pub struct LapqReport {
     pub p_used: f64,
     /// Tensors whose clipping value Powell's search optimised.
     pub optimised: Vec<String>,
-    pub powell: Option<PowellResult>,
+    /// Powell's search: early sweeps on part of the samples, the last on all of them.
+    pub powell: Vec<PowellPhase>,
     pub final_loss: f64,
     /// Loss evaluations in all.
     pub evaluations: usize,
     /// Seconds per stage.
     pub seconds: BTreeMap<String, f64>,
+}
+
+/// One run of Powell's search and the samples its loss used.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PowellPhase {
+    pub samples: usize,
+    pub seconds: f64,
+    #[serde(flatten)]
+    pub result: PowellResult,
+}
+
+/// Powell's sweeps as (sweeps, samples) phases: every sweep but the last on half the `n` samples
+/// (each costs half as much, and only moves the start of the last), the last on all of them.
+fn schedule(max_iters: usize, n: usize) -> Vec<(usize, usize)> {
+    match max_iters {
+        0 => vec![],
+        1 => vec![(1, n)],
+        _ if n < 2 => vec![(max_iters, n)],
+        _ => vec![(max_iters - 1, n / 2), (1, n)],
+    }
 }
 
 /// Runs LAPQ from a calibrated run (its MinMax parameters and statistics) and returns the parameters
@@ -111,35 +132,51 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
     lap("lp init and p fit", &mut seconds);
 
     let optimised: Vec<String> = coords.iter().map(|k| k.name(&c.plan)).collect();
-    let (powell, params, final_loss) = if coords.is_empty() || config.max_iters == 0 {
-        (None, init, init_loss)
-    } else {
+    let mut powell = vec![];
+    let (mut params, mut final_loss) = (init.clone(), init_loss);
+    if !coords.is_empty() && config.max_iters > 0 {
         let map = Mapping {
             plan: &c.plan,
             biases,
-            base: init.clone(),
+            base: init,
             ceiling: &c.params,
             coords: coords.clone(),
         };
-        let mut objective = LossFn {
-            oracle: &oracle,
-            map: &map,
-            tail: None,
-            bar: &bar,
-            start: init_loss,
-        };
-        let settings = PowellConfig {
-            max_iters: config.max_iters,
-            max_evals: config.max_evals,
-            ..PowellConfig::default()
-        };
-        let x0 = vec![1.0; coords.len()];
-        let result = calib::powell(&mut objective, &x0, &settings, |_, _| ())?;
-        let params = map.params(&result.x)?;
-        let loss = result.loss;
-        (Some(result), params, loss)
-    };
-    evals += powell.as_ref().map_or(0, |r| r.evals);
+        let mut x = vec![1.0; coords.len()];
+        let mut budget = config.max_evals;
+        for (sweeps, samples) in schedule(config.max_iters, n) {
+            oracle.use_samples(samples);
+            let mut objective = LossFn {
+                oracle: &oracle,
+                map: &map,
+                tail: None,
+                bar: &bar,
+                start: init_loss,
+            };
+            let settings = PowellConfig {
+                max_iters: sweeps,
+                max_evals: if samples < n {
+                    budget * sweeps / config.max_iters
+                } else {
+                    budget
+                },
+                ..PowellConfig::default()
+            };
+            let started = Instant::now();
+            let result = calib::powell(&mut objective, &x, &settings, |_, _| ())?;
+            budget = budget.saturating_sub(result.evals);
+            evals += result.evals;
+            x.clone_from(&result.x);
+            if samples == n && result.loss < final_loss {
+                (params, final_loss) = (map.params(&result.x)?, result.loss);
+            }
+            powell.push(PowellPhase {
+                samples,
+                seconds: started.elapsed().as_secs_f64(),
+                result,
+            });
+        }
+    }
     lap("powell", &mut seconds);
     bar.finish_and_clear();
     Ok((
@@ -397,4 +434,18 @@ fn bar(len: usize, enabled: bool) -> ProgressBar {
         bar.set_style(style.progress_chars("=> "));
     }
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn early_sweeps_use_half_the_samples_and_the_last_all() {
+        assert_eq!(schedule(0, 64), vec![]);
+        assert_eq!(schedule(1, 64), vec![(1, 64)]);
+        assert_eq!(schedule(2, 64), vec![(1, 32), (1, 64)]);
+        assert_eq!(schedule(3, 9), vec![(2, 4), (1, 9)]);
+        assert_eq!(schedule(2, 1), vec![(2, 1)]);
+    }
 }

@@ -225,6 +225,8 @@ pub struct Oracle {
     labels: Option<Vec<usize>>,
     kind: crate::calib::LossKind,
     batch: usize,
+    /// Evaluations use the first `active` samples.
+    active: std::sync::atomic::AtomicUsize,
 }
 
 impl Oracle {
@@ -279,6 +281,7 @@ impl Oracle {
             labels,
             kind,
             batch,
+            active: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -292,6 +295,19 @@ impl Oracle {
         self.kind
     }
 
+    /// Later losses, outputs and tails use the first `n` samples only (at least one; all of them
+    /// until this is called).
+    pub fn use_samples(&self, n: usize) {
+        self.active
+            .store(n.max(1), std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The samples evaluations use.
+    pub fn active_samples(&self) -> &[Sample] {
+        let n = self.active.load(std::sync::atomic::Ordering::SeqCst);
+        &self.samples[..n.min(self.samples.len())]
+    }
+
     /// The float network's outputs, per sample.
     pub fn reference(&self) -> &[SampleOutputs] {
         &self.reference
@@ -300,7 +316,7 @@ impl Oracle {
     /// The quantized network's outputs with `params`, per sample.
     pub fn outputs(&self, params: &crate::calib::Params) -> Result<Vec<SampleOutputs>> {
         self.model.set_params(params)?;
-        self.model.run(&self.samples, self.batch)
+        self.model.run(self.active_samples(), self.batch)
     }
 
     /// The mean loss over the samples with `params`.
@@ -328,7 +344,7 @@ impl Oracle {
     /// sites first, then weights, then biases): the network upstream of the site runs once, now.
     pub fn focus(&self, slot: usize, params: &crate::calib::Params) -> Result<quant::Tail> {
         self.model.set_params(params)?;
-        self.model.tail(slot, &self.samples, self.batch)
+        self.model.tail(slot, self.active_samples(), self.batch)
     }
 
     /// The loss with `params`, which must equal the parameters `tail` was prepared with everywhere but

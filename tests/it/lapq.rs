@@ -49,8 +49,15 @@ fn lapq_lowers_the_loss_and_exports_what_it_optimised() {
         let r = report.lapq.expect("LAPQ ran");
         assert_eq!(r.p_grid.len(), 10);
         assert!(r.init_loss <= r.p_losses.iter().copied().fold(f64::INFINITY, f64::min));
-        let powell = r.powell.as_ref().expect("sites below 8 bits are optimised");
-        assert!(!r.optimised.is_empty() && powell.evals <= 80);
+        // Two sweeps: the first on half the samples, the last on all of them.
+        let samples: Vec<usize> = r.powell.iter().map(|p| p.samples).collect();
+        assert_eq!(samples, [8, 16]);
+        let powell_evals: usize = r.powell.iter().map(|p| p.result.evals).sum();
+        assert!(!r.optimised.is_empty() && powell_evals <= 80);
+        assert_eq!(
+            r.evaluations,
+            powell_evals + r.p_grid.len() + 1 + usize::from(!r.fit.guarded)
+        );
         assert!(
             r.final_loss <= r.init_loss && r.final_loss < r.minmax_loss,
             "final {} init {} minmax {}",
