@@ -44,7 +44,10 @@ pub fn weight_params(
     how: Clipping,
 ) -> anyhow::Result<QParams> {
     let (mut min, mut max, non_finite) = channel_min_max(values, dims, axis.unwrap_or(0));
-    anyhow::ensure!(non_finite == 0, "{non_finite} values are NaN or infinite");
+    anyhow::ensure!(
+        non_finite == 0,
+        "{non_finite} of its values are not finite (NaN or infinite)"
+    );
     for (lo, hi) in min
         .iter_mut()
         .zip(max.iter_mut())

@@ -156,6 +156,20 @@ fn load_samples(
         "calibration data {} holds no samples",
         path.display()
     );
+    for sample in &samples {
+        for (tensor, input) in sample.inputs.iter().zip(inputs) {
+            if let Values::F32(v) = &tensor.values
+                && let Some(i) = v.iter().position(|x| !x.is_finite())
+            {
+                bail!(
+                    "{}: input '{}' holds a value that is not finite ({} at flat index {i})",
+                    sample.origin,
+                    input.name,
+                    v[i]
+                );
+            }
+        }
+    }
     Ok(samples)
 }
 

@@ -354,6 +354,11 @@ impl Planner<'_, '_> {
             }
         }
         let wdims = tensor_dims(wc.tensor())?;
+        ensure!(
+            wdims.iter().product::<usize>() > 0,
+            "node '{}': weight '{w}' has no values (shape {wdims:?})",
+            onnx::node_label(node)
+        );
         let axis = policy::weight_axis(node, wdims.len());
         let Some(&channels) = wdims.get(axis) else {
             bail!(

@@ -273,3 +273,153 @@ fn bad_labels_are_refused_naming_the_file() {
         }
     }
 }
+
+/// The conv_relu fixture (conv1 -> relu1 -> conv2), changed by `edit`, written to `dir`.
+fn broken_model(
+    dir: &Path,
+    name: &str,
+    edit: impl FnOnce(&mut ::lapq::onnx::ModelProto),
+) -> std::path::PathBuf {
+    let bytes = std::fs::read(fixture("conv_relu").join("model.onnx")).unwrap();
+    let mut model = ::lapq::onnx::decode_model(&bytes, "conv_relu").unwrap();
+    edit(&mut model);
+    let path = dir.join(name);
+    std::fs::write(&path, ::lapq::onnx::encode_model(&model)).unwrap();
+    path
+}
+
+/// Quantizing the broken model fails with one line containing every one of `expected`.
+fn refuses(name: &str, edit: impl FnOnce(&mut ::lapq::onnx::ModelProto), expected: &[&str]) {
+    let dir = tempdir();
+    let model = broken_model(dir.path(), name, edit);
+    let err = fails(
+        &model,
+        &dir.path().join("q.onnx"),
+        &fixture("conv_relu").join("calib.npz"),
+    );
+    for e in expected {
+        assert!(err.contains(e), "{name}: expected '{e}' in: {err}");
+    }
+}
+
+fn graph(m: &mut ::lapq::onnx::ModelProto) -> &mut ::lapq::onnx::GraphProto {
+    m.graph.as_mut().unwrap()
+}
+
+#[test]
+fn graph_with_a_cycle() {
+    refuses(
+        "cycle.onnx",
+        |m| graph(m).node[0].input[0] = "output".into(),
+        &["cycle.onnx", "cycle"],
+    );
+}
+
+#[test]
+fn input_nobody_produces() {
+    refuses(
+        "dangling.onnx",
+        |m| graph(m).node[1].input[0] = "ghost".into(),
+        &["dangling.onnx", "ghost"],
+    );
+}
+
+#[test]
+fn tensor_produced_twice() {
+    refuses(
+        "duplicate.onnx",
+        |m| graph(m).node[1].output[0] = "conv1_out".into(),
+        &["duplicate.onnx", "conv1_out"],
+    );
+}
+
+#[test]
+fn unknown_operator() {
+    refuses(
+        "unknown_op.onnx",
+        |m| graph(m).node[1].op_type = Some("Frobnicate".into()),
+        &["relu1", "Frobnicate"],
+    );
+}
+
+#[test]
+fn weight_without_initializer() {
+    refuses(
+        "missing_weight.onnx",
+        |m| graph(m).initializer.retain(|t| t.name() != "conv2.weight"),
+        &["missing_weight.onnx", "conv2.weight"],
+    );
+}
+
+#[test]
+fn zero_size_weight() {
+    refuses(
+        "zero_size.onnx",
+        |m| {
+            let t = graph(m)
+                .initializer
+                .iter_mut()
+                .find(|t| t.name() == "conv2.weight")
+                .unwrap();
+            *t = ::lapq::onnx::make_tensor(
+                "conv2.weight",
+                &[0, 8, 3, 3],
+                ::lapq::onnx::TensorData::F32(vec![]),
+            );
+        },
+        &["conv2.weight", "no values"],
+    );
+}
+
+#[test]
+fn non_finite_weights() {
+    for (name, value) in [
+        ("nan_weight.onnx", f32::NAN),
+        ("inf_weight.onnx", f32::INFINITY),
+    ] {
+        refuses(
+            name,
+            |m| {
+                let t = graph(m)
+                    .initializer
+                    .iter_mut()
+                    .find(|t| t.name() == "conv1.weight")
+                    .unwrap();
+                let mut values = ::lapq::onnx::tensor_f32(t).unwrap();
+                values[5] = value;
+                *t = ::lapq::onnx::make_tensor(
+                    "conv1.weight",
+                    &[8, 3, 3, 3],
+                    ::lapq::onnx::TensorData::F32(values),
+                );
+            },
+            &["conv1.weight", "not finite"],
+        );
+    }
+}
+
+#[test]
+fn non_finite_calibration_data() {
+    let dir = tempdir();
+    let npz = dir.path().join("nan.npz");
+    let o = Command::new(python())
+        .args([
+            "-c",
+            "import numpy as np, sys; x = np.load(sys.argv[1])['input']; x[3, 0, 1, 1] = np.nan; \
+             np.savez(sys.argv[2], input=x)",
+        ])
+        .arg(fixture("conv_relu").join("calib.npz"))
+        .arg(&npz)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = fails(
+        &fixture("conv_relu").join("model.onnx"),
+        &dir.path().join("q.onnx"),
+        &npz,
+    );
+    assert!(
+        err.contains("nan.npz[3]") && err.contains("'input'") && err.contains("not finite"),
+        "{err}"
+    );
+}
