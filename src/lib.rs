@@ -1,7 +1,7 @@
 //! `lapq`: post-training quantization of float ONNX models into QDQ ONNX models.
 //!
 //! The pipeline, one call per stage (see the README's table):
-//! read -> index -> plan -> data -> statistics (oracle) -> calibrate -> export -> report.
+//! read -> prepare -> index -> plan -> data -> statistics (oracle) -> calibrate -> export -> report.
 
 mod biases;
 pub mod calib;
@@ -12,6 +12,7 @@ pub mod ir;
 pub mod joint;
 pub mod onnx;
 pub mod oracle;
+pub mod prepare;
 pub mod report;
 
 use std::path::Path;
@@ -70,11 +71,10 @@ pub struct Calibrated {
 pub fn calibrate(job: &Job) -> Result<Calibrated> {
     let mut timings = Timings::start();
     check_output_path(&job.model, &job.output)?;
-    let (model, external_data) = onnx::read_model(&job.model)?;
-    let index =
-        GraphIndex::new(&model).with_context(|| format!("model {}", job.model.display()))?;
+    let (mut model, external_data) = onnx::read_model(&job.model)?;
     timings.lap("read");
-    let plan = ir::plan(&index, &job.quant)?;
+    let plan = plan_model(&mut model, &job.model, &job.quant)?;
+    let index = GraphIndex::new(&model)?;
     timings.lap("plan");
     let data::Dataset { samples, labels } = data::load(&job.data, index.inputs())?;
     timings.lap("data");
@@ -155,10 +155,25 @@ pub fn oracle_sites(c: &Calibrated) -> Result<oracle::Sites> {
 
 /// Reads a model and plans its quantization without touching data: what `lapq inspect` shows.
 pub fn inspect(model_path: &Path, config: &QuantConfig) -> Result<QuantPlan> {
-    let (model, _) = onnx::read_model(model_path)?;
-    let index =
-        GraphIndex::new(&model).with_context(|| format!("model {}", model_path.display()))?;
-    ir::plan(&index, config)
+    let (mut model, _) = onnx::read_model(model_path)?;
+    plan_model(&mut model, model_path, config)
+}
+
+/// Rewrites `model` (see `prepare`), indexes it and plans its quantization; the plan lists the nodes
+/// the rewrites removed.
+fn plan_model(
+    model: &mut onnx::ModelProto,
+    path: &Path,
+    config: &QuantConfig,
+) -> Result<QuantPlan> {
+    let context = || format!("model {}", path.display());
+    let merged = prepare::prepare(model).with_context(context)?;
+    let index = GraphIndex::new(model).with_context(context)?;
+    let mut plan = ir::plan(&index, config)?;
+    for m in &merged {
+        plan.note_merged(&m.node, &m.op_type, &m.into);
+    }
+    Ok(plan)
 }
 
 /// Fails early, before any long work, when the output cannot be written or would overwrite the input.

@@ -84,6 +84,8 @@ pub struct Report {
     pub calibration_samples: usize,
     pub nodes_quantized: usize,
     pub nodes_folded: usize,
+    /// Nodes folded into the float weights of another before planning (BatchNormalization).
+    pub nodes_merged: usize,
     pub nodes_float: usize,
     pub activations: Vec<ActivationEntry>,
     pub weights: Vec<ConstantEntry>,
@@ -148,6 +150,7 @@ impl Report {
             calibration_samples: samples,
             nodes_quantized: count(|d| matches!(d, Decision::Quantized)),
             nodes_folded: count(|d| matches!(d, Decision::Folded)),
+            nodes_merged: count(|d| matches!(d, Decision::MergedInto(_))),
             nodes_float: count(|d| matches!(d, Decision::Float(_))),
             activations,
             weights: plan
@@ -173,11 +176,12 @@ impl Report {
     /// A few lines for the terminal.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "wrote {} ({} quantized nodes, {} activations folded, {} nodes float; {} activation and {} weight \
-             sites; {} biases corrected; {} calibration samples; {:.1} s)",
+            "wrote {} ({} quantized nodes, {} activations folded, {} BatchNormalizations folded, {} nodes \
+             float; {} activation and {} weight sites; {} biases corrected; {} calibration samples; {:.1} s)",
             self.output,
             self.nodes_quantized,
             self.nodes_folded,
+            self.nodes_merged,
             self.nodes_float,
             self.activations.len(),
             self.weights.len(),
@@ -226,6 +230,7 @@ pub fn plan_text(plan: &QuantPlan) -> String {
             Decision::Quantized => "quantized".to_string(),
             Decision::Folded => "folded into its producer's range".to_string(),
             Decision::ConstantWeight => "constant stored quantized".to_string(),
+            Decision::MergedInto(into) => format!("folded into '{into}' (float weights)"),
             Decision::Float(r) => format!("float: {r}"),
         };
         s.push_str(&format!("{:<width$}  {:<18} {what}\n", n.name, n.op_type));

@@ -159,6 +159,9 @@ pub enum Decision {
     Folded,
     /// A `Constant` whose value is stored quantized as a weight.
     ConstantWeight,
+    /// Removed before planning: its computation was folded into this node's float weights (a
+    /// BatchNormalization into the Conv before it).
+    MergedInto(String),
     /// Left in float, with the reason.
     Float(SkipReason),
 }
@@ -198,6 +201,25 @@ const QUANTIZED_OPS: &[&str] = &[
     "ConvInteger",
     "MatMulInteger",
 ];
+
+impl QuantPlan {
+    /// Records a node that a rewrite removed before planning, after the node it went into.
+    pub fn note_merged(&mut self, node: &str, op_type: &str, into: &str) {
+        let at = self
+            .nodes
+            .iter()
+            .position(|n| n.name == into)
+            .map_or(self.nodes.len(), |k| k + 1);
+        self.nodes.insert(
+            at,
+            NodeEntry {
+                name: node.into(),
+                op_type: op_type.into(),
+                decision: Decision::MergedInto(into.into()),
+            },
+        );
+    }
+}
 
 /// Plans the quantization of the indexed graph. Refuses models that are already quantized.
 pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {

@@ -36,6 +36,53 @@ fn effnet_per_channel_fuses_every_conv_add_and_gemm() {
     assert_eq!(ops["QGemm"], 1, "{r}");
 }
 
+/// The same network exported with its BatchNormalizations (scripts/fetch-effnet --keep-bn): each is
+/// folded into its Conv before planning, and the result fuses and agrees with the float model exactly
+/// as the folded export does. The input file is left as it was.
+#[test]
+fn effnet_with_batchnorm_folds_every_one_and_fuses() {
+    let model = require(root().join("work/effnet/efficientnet_lite0_bn.onnx"));
+    let before = std::fs::read(&model).unwrap();
+    let calib = require(root().join("work/crops/calib.npz"));
+    let eval = require(root().join("work/crops/eval.npz"));
+    let dir = tempdir();
+    let out = dir.path().join("effnet_bn_qdq.onnx");
+    let report = dir.path().join("report.json");
+    quantize(
+        &model,
+        &out,
+        &calib,
+        &[
+            "--quiet",
+            "--max-samples",
+            "64",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        std::fs::read(&model).unwrap(),
+        before,
+        "the input model changed"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["nodes_merged"], 49, "every BatchNormalization folds");
+    assert_eq!(r["nodes_float"], 0);
+    let r = check_qdq(&model, &out, &eval, "w8a8_deep", "Conv,Add,Gemm");
+    let ops = &r["fusion"]["integer_ops"];
+    assert_eq!(ops["QLinearConv"], 49, "{r}");
+    assert_eq!(ops["QLinearAdd"], 9, "{r}");
+    assert_eq!(ops["QGemm"], 1, "{r}");
+    assert!(
+        !r["fusion"]["all_ops"]
+            .as_object()
+            .unwrap()
+            .contains_key("BatchNormalization"),
+        "{r}"
+    );
+}
+
 /// On a deep network, one rounding tie broken differently early on moves many later values, so the
 /// element-wise tier of the fixtures cannot hold. Tier: the oracle's distance to ONNX Runtime unfused
 /// (RMS of the difference over RMS of the float output) is at most this multiple of the distance between

@@ -1,0 +1,392 @@
+//! Rewrites of the float model that keep what it computes (up to float rounding) and let more of it be
+//! quantized, applied to the model read from disk before it is indexed. The input file is never
+//! touched; every later stage (plan, oracle, export) sees the rewritten model.
+//!
+//! - A BatchNormalization in inference mode right after a Conv is folded into the Conv's weight and
+//!   bias, as exporters with BatchNorm folding and ONNX Runtime's `quant_pre_process` do: ONNX Runtime
+//!   has no integer BatchNormalization, and a Conv followed by a float BatchNormalization cannot fuse.
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{Context, Result};
+
+use crate::onnx::{self, DataType, ModelProto, NodeProto, TensorData, TensorProto};
+
+/// A node the rewrites removed, and into which node it went.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Merged {
+    pub node: String,
+    pub op_type: String,
+    pub into: String,
+}
+
+/// Applies every rewrite to `model` and returns what was merged away, in graph order.
+pub fn prepare(model: &mut ModelProto) -> Result<Vec<Merged>> {
+    let Some(graph) = model.graph.as_mut() else {
+        return Ok(vec![]);
+    };
+    let mut merged = vec![];
+    let mut i = 0;
+    while i < graph.node.len() {
+        match fold_batch_norm(graph, i)? {
+            Some(m) => merged.push(m),
+            None => i += 1,
+        }
+    }
+    Ok(merged)
+}
+
+/// Folds the BatchNormalization at `bn` into the Conv that produces its input, when that is exact:
+/// inference mode, constant float parameters, a Conv with constant float weights (and bias) whose
+/// output nothing else reads. The Conv takes the BatchNormalization's output name; weights shared with
+/// other nodes are copied rather than changed.
+fn fold_batch_norm(graph: &mut onnx::GraphProto, bn: usize) -> Result<Option<Merged>> {
+    let node = &graph.node[bn];
+    if node.op_type() != "BatchNormalization"
+        || !matches!(node.domain(), "" | "ai.onnx")
+        || node.output.iter().filter(|o| !o.is_empty()).count() != 1
+        || onnx::attr_i(node, "training_mode", 0) != 0
+        || node.input.len() != 5
+    {
+        return Ok(None);
+    }
+    let x = node.input[0].clone();
+    let Some(conv) = graph.node.iter().position(|n| n.output.first() == Some(&x)) else {
+        return Ok(None);
+    };
+    let c = &graph.node[conv];
+    let readers = graph.node.iter().filter(|n| n.input.contains(&x)).count()
+        + graph.output.iter().filter(|o| o.name() == x).count();
+    if c.op_type() != "Conv" || !matches!(c.domain(), "" | "ai.onnx") || readers != 1 {
+        return Ok(None);
+    }
+    let constants = Constants::of(graph);
+    let float = |name: &str| -> Result<Option<(Vec<f32>, Vec<usize>)>> {
+        match constants.get(name) {
+            Some(t) if t.data_type() == DataType::Float as i32 => {
+                Ok(Some((onnx::tensor_f32(t)?, onnx::tensor_dims(t)?)))
+            }
+            _ => Ok(None),
+        }
+    };
+    let label = onnx::node_label(node);
+    let params: Option<Vec<Vec<f32>>> = node.input[1..5]
+        .iter()
+        .map(|n| float(n).map(|t| t.map(|(v, _)| v)))
+        .collect::<Result<_>>()
+        .with_context(|| format!("BatchNormalization '{label}'"))?;
+    let Some(params) = params else {
+        return Ok(None);
+    };
+    let (scale, beta, mean, var) = (&params[0], &params[1], &params[2], &params[3]);
+    let Some((weight, wdims)) = float(&c.input[1])? else {
+        return Ok(None);
+    };
+    let channels = wdims.first().copied().unwrap_or(0);
+    let bias_name = c.input.get(2).filter(|b| !b.is_empty()).cloned();
+    let bias = match &bias_name {
+        Some(b) => match float(b)? {
+            Some((v, _)) => v,
+            None => return Ok(None),
+        },
+        None => vec![0.0; channels],
+    };
+    if channels == 0
+        || [scale, beta, mean, var, &bias]
+            .iter()
+            .any(|v| v.len() != channels)
+    {
+        return Ok(None);
+    }
+    let epsilon = onnx::attr_f(node, "epsilon", 1e-5) as f64;
+    let factor: Vec<f64> = (0..channels)
+        .map(|k| scale[k] as f64 / (var[k] as f64 + epsilon).sqrt())
+        .collect();
+    let per_channel = weight.len() / channels;
+    let new_weight: Vec<f32> = weight
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| (w as f64 * factor[i / per_channel]) as f32)
+        .collect();
+    let new_bias: Vec<f32> = (0..channels)
+        .map(|k| ((bias[k] as f64 - mean[k] as f64) * factor[k] + beta[k] as f64) as f32)
+        .collect();
+
+    let conv_label = onnx::node_label(&graph.node[conv]);
+    let out = node.output[0].clone();
+    let bn_inputs = node.input[1..5].to_vec();
+    let weight_name = graph.node[conv].input[1].clone();
+    let mut names = Names::of(graph);
+    let weight_name = constants.replace(
+        graph,
+        &weight_name,
+        make(&weight_name, &wdims, new_weight),
+        &mut names,
+    );
+    let bias_base = bias_name.unwrap_or_else(|| format!("{weight_name}_bias"));
+    let bias_name = constants.replace(
+        graph,
+        &bias_base,
+        make(&bias_base, &[channels], new_bias),
+        &mut names,
+    );
+    let c = &mut graph.node[conv];
+    c.input.truncate(1);
+    c.input.push(weight_name);
+    c.input.push(bias_name);
+    c.output[0] = out;
+    let removed = graph.node.remove(bn);
+    graph.value_info.retain(|v| v.name() != x);
+    for name in bn_inputs {
+        remove_if_unused(graph, &name);
+    }
+    Ok(Some(Merged {
+        node: label,
+        op_type: removed.op_type().to_string(),
+        into: conv_label,
+    }))
+}
+
+fn make(name: &str, dims: &[usize], values: Vec<f32>) -> TensorProto {
+    onnx::make_tensor(name, dims, TensorData::F32(values))
+}
+
+/// Removes the initializer or `Constant` node `name` when nothing reads it any more.
+fn remove_if_unused(graph: &mut onnx::GraphProto, name: &str) {
+    let read = graph.node.iter().any(|n| n.input.iter().any(|i| i == name))
+        || graph.output.iter().any(|o| o.name() == name);
+    if read {
+        return;
+    }
+    graph.initializer.retain(|t| t.name() != name);
+    graph.node.retain(|n| !is_constant_node(n, name));
+}
+
+fn is_constant_node(n: &NodeProto, output: &str) -> bool {
+    n.op_type() == "Constant" && n.output.first().map(String::as_str) == Some(output)
+}
+
+/// Every name the graph uses, to pick fresh ones.
+struct Names(HashSet<String>);
+
+impl Names {
+    fn of(graph: &onnx::GraphProto) -> Names {
+        let mut names: HashSet<String> = graph
+            .node
+            .iter()
+            .flat_map(|n| n.input.iter().chain(&n.output).cloned())
+            .collect();
+        names.extend(graph.initializer.iter().map(|t| t.name().to_string()));
+        names.extend(graph.input.iter().map(|v| v.name().to_string()));
+        Names(names)
+    }
+
+    fn fresh(&mut self, base: &str) -> String {
+        let mut name = format!("{base}_folded");
+        let mut k = 1;
+        while self.0.contains(&name) {
+            k += 1;
+            name = format!("{base}_folded_{k}");
+        }
+        self.0.insert(name.clone());
+        name
+    }
+}
+
+/// The graph's constant tensors: initializers and `Constant` nodes with a `value`.
+struct Constants(HashMap<String, TensorProto>);
+
+impl Constants {
+    fn of(graph: &onnx::GraphProto) -> Constants {
+        let mut map: HashMap<String, TensorProto> = graph
+            .initializer
+            .iter()
+            .map(|t| (t.name().to_string(), t.clone()))
+            .collect();
+        for n in graph.node.iter().filter(|n| n.op_type() == "Constant") {
+            if let (Some(out), Some(t)) = (
+                n.output.first(),
+                onnx::attr(n, "value").and_then(|a| a.t.as_ref()),
+            ) {
+                map.insert(out.clone(), t.clone());
+            }
+        }
+        Constants(map)
+    }
+
+    fn get(&self, name: &str) -> Option<&TensorProto> {
+        self.0.get(name)
+    }
+
+    /// Stores `tensor` under `name` when `name` is a constant that only the folded Conv reads (or
+    /// does not exist yet); otherwise under a fresh name. Returns the name used.
+    fn replace(
+        &self,
+        graph: &mut onnx::GraphProto,
+        name: &str,
+        mut tensor: TensorProto,
+        names: &mut Names,
+    ) -> String {
+        let readers = graph
+            .node
+            .iter()
+            .map(|n| n.input.iter().filter(|i| *i == name).count())
+            .sum::<usize>()
+            + graph.output.iter().filter(|o| o.name() == name).count();
+        let exists = self.0.contains_key(name) || names.0.contains(name);
+        let in_place = readers <= 1 && !graph.input.iter().any(|i| i.name() == name);
+        let target = if exists && !in_place {
+            names.fresh(name)
+        } else {
+            name.to_string()
+        };
+        tensor.name = Some(target.clone());
+        if target == name
+            && let Some(n) = graph.node.iter_mut().find(|n| is_constant_node(n, name))
+        {
+            let is_value = |a: &&mut onnx::AttributeProto| a.name() == "value";
+            if let Some(a) = n.attribute.iter_mut().find(is_value) {
+                a.t = Some(tensor);
+            }
+            return target;
+        }
+        match graph.initializer.iter_mut().find(|t| t.name() == target) {
+            Some(t) => *t = tensor,
+            None => graph.initializer.push(tensor),
+        }
+        names.0.insert(target.clone());
+        target
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::{AttributeProto, GraphProto, ValueInfoProto};
+
+    fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
+        NodeProto {
+            op_type: Some(op.into()),
+            name: Some(name.into()),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn value(name: &str) -> ValueInfoProto {
+        ValueInfoProto {
+            name: Some(name.into()),
+            ..Default::default()
+        }
+    }
+
+    /// x -> Conv(w, b) -> BN -> y, 2 output channels of 1x1 kernels over 1 input channel, plus
+    /// `extra` nodes.
+    fn model(conv_bias: bool, extra: Vec<NodeProto>) -> ModelProto {
+        let t = |n: &str, d: &[usize], v: Vec<f32>| make(n, d, v);
+        let mut conv_inputs = vec!["x", "w"];
+        if conv_bias {
+            conv_inputs.push("b");
+        }
+        let mut nodes = vec![
+            node("Conv", "conv", &conv_inputs, &["c"]),
+            node(
+                "BatchNormalization",
+                "bn",
+                &["c", "s", "beta", "m", "v"],
+                &["y"],
+            ),
+        ];
+        nodes[1].attribute.push(AttributeProto {
+            name: Some("epsilon".into()),
+            f: Some(0.0),
+            r#type: Some(onnx::proto::attribute_proto::AttributeType::Float as i32),
+            ..Default::default()
+        });
+        nodes.extend(extra);
+        ModelProto {
+            graph: Some(GraphProto {
+                node: nodes,
+                initializer: vec![
+                    t("w", &[2, 1, 1, 1], vec![1.0, -2.0]),
+                    t("b", &[2], vec![0.5, 1.0]),
+                    t("s", &[2], vec![2.0, 3.0]),
+                    t("beta", &[2], vec![0.25, -1.0]),
+                    t("m", &[2], vec![1.0, 2.0]),
+                    t("v", &[2], vec![4.0, 9.0]),
+                ],
+                input: vec![value("x")],
+                output: vec![value("y")],
+                value_info: vec![value("c")],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn init(m: &ModelProto, name: &str) -> Vec<f32> {
+        let g = m.graph.as_ref().unwrap();
+        let t = g.initializer.iter().find(|t| t.name() == name).unwrap();
+        onnx::tensor_f32(t).unwrap()
+    }
+
+    #[test]
+    fn folds_scale_shift_and_mean_into_weight_and_bias() {
+        let mut m = model(true, vec![]);
+        let merged = prepare(&mut m).unwrap();
+        assert_eq!(
+            merged,
+            vec![Merged {
+                node: "bn".into(),
+                op_type: "BatchNormalization".into(),
+                into: "conv".into()
+            }]
+        );
+        let g = m.graph.as_ref().unwrap();
+        assert_eq!(g.node.len(), 1);
+        assert_eq!(g.node[0].input, ["x", "w", "b"]);
+        assert_eq!(g.node[0].output, ["y"]);
+        assert!(g.value_info.is_empty(), "the Conv's old output is gone");
+        // factor = s / sqrt(v) = [1, 1]; w' = w; b' = (b - m) * factor + beta.
+        assert_eq!(init(&m, "w"), [1.0, -2.0]);
+        assert_eq!(init(&m, "b"), [-0.25, -2.0]);
+        let names: Vec<&str> = g.initializer.iter().map(|t| t.name()).collect();
+        assert_eq!(
+            names,
+            ["w", "b"],
+            "the BatchNormalization's parameters are dropped"
+        );
+    }
+
+    #[test]
+    fn adds_a_bias_and_copies_shared_weights() {
+        let other = node("Conv", "other", &["x", "w"], &["z"]);
+        let mut m = model(false, vec![other]);
+        m.graph.as_mut().unwrap().output.push(value("z"));
+        // Scale 2 / sqrt(4) = 1 and 3 / sqrt(9) = 1: change s to make the weight move.
+        let g = m.graph.as_mut().unwrap();
+        g.initializer[2] = make("s", &[2], vec![4.0, 6.0]);
+        prepare(&mut m).unwrap();
+        let g = m.graph.as_ref().unwrap();
+        assert_eq!(g.node[0].input, ["x", "w_folded", "w_folded_bias"]);
+        assert_eq!(
+            g.node[1].input,
+            ["x", "w"],
+            "the other Conv keeps the original weight"
+        );
+        assert_eq!(init(&m, "w"), [1.0, -2.0]);
+        assert_eq!(init(&m, "w_folded"), [2.0, -4.0]);
+        // b' = (0 - m) * factor + beta = [-2 + 0.25, -4 - 1].
+        assert_eq!(init(&m, "w_folded_bias"), [-1.75, -5.0]);
+    }
+
+    #[test]
+    fn leaves_a_conv_whose_output_is_read_elsewhere() {
+        let tap = node("Relu", "tap", &["c"], &["r"]);
+        let mut m = model(true, vec![tap]);
+        let before = m.clone();
+        assert!(prepare(&mut m).unwrap().is_empty());
+        assert_eq!(m, before);
+    }
+}
