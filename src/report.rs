@@ -176,12 +176,15 @@ impl Report {
     /// A few lines for the terminal.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "wrote {} ({} quantized nodes, {} activations folded, {} BatchNormalizations folded, {} nodes \
-             float; {} activation and {} weight sites; {} biases corrected; {} calibration samples; {:.1} s)",
+            "wrote {} ({} quantized nodes, {} activations folded,{} {} nodes float; {} activation and {} \
+             weight sites; {} biases corrected; {} calibration samples; {:.1} s)",
             self.output,
             self.nodes_quantized,
             self.nodes_folded,
-            self.nodes_merged,
+            match self.nodes_merged {
+                0 => String::new(),
+                n => format!(" {n} nodes folded into float weights,"),
+            },
             self.nodes_float,
             self.activations.len(),
             self.weights.len(),
