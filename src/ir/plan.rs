@@ -129,7 +129,10 @@ impl fmt::Display for SkipReason {
                 write!(f, "op type has no integer kernel in ONNX Runtime")
             }
             SkipReason::InputNotQuantized(t) => {
-                write!(f, "data-movement op whose input '{t}' is not quantized")
+                write!(
+                    f,
+                    "input '{t}' is not quantized, and this op only follows its input's quantization"
+                )
             }
             SkipReason::NotFloat => write!(f, "no float32 tensors to quantize"),
             SkipReason::ConstantActivation(t) => write!(f, "activation input '{t}' is a constant"),
