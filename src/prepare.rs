@@ -6,7 +6,7 @@
 //!   bias, as exporters with BatchNorm folding and ONNX Runtime's `quant_pre_process` do: ONNX Runtime
 //!   has no integer BatchNormalization, and a Conv followed by a float BatchNormalization cannot fuse.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use anyhow::{Context, Result};
 
@@ -117,14 +117,14 @@ fn fold_batch_norm(graph: &mut onnx::GraphProto, bn: usize) -> Result<Option<Mer
     let bn_inputs = node.input[1..5].to_vec();
     let weight_name = graph.node[conv].input[1].clone();
     let mut names = Names::of(graph);
-    let weight_name = constants.replace(
+    let weight_name = store(
         graph,
         &weight_name,
         make(&weight_name, &wdims, new_weight),
         &mut names,
     );
     let bias_base = bias_name.unwrap_or_else(|| format!("{weight_name}_bias"));
-    let bias_name = constants.replace(
+    let bias_name = store(
         graph,
         &bias_base,
         make(&bias_base, &[channels], new_bias),
@@ -193,70 +193,85 @@ impl Names {
     }
 }
 
-/// The graph's constant tensors: initializers and `Constant` nodes with a `value`.
-struct Constants(HashMap<String, TensorProto>);
+/// The names of the graph's constant tensors: initializers and `Constant` nodes with a `value`.
+/// Tensors are looked up (and cloned) one at a time, when a fold needs them.
+struct Constants<'g> {
+    graph: &'g onnx::GraphProto,
+    names: HashSet<String>,
+}
 
-impl Constants {
-    fn of(graph: &onnx::GraphProto) -> Constants {
-        let mut map: HashMap<String, TensorProto> = graph
+impl<'g> Constants<'g> {
+    fn of(graph: &'g onnx::GraphProto) -> Constants<'g> {
+        let mut names: HashSet<String> = graph
             .initializer
             .iter()
-            .map(|t| (t.name().to_string(), t.clone()))
+            .map(|t| t.name().to_string())
             .collect();
-        for n in graph.node.iter().filter(|n| n.op_type() == "Constant") {
-            if let (Some(out), Some(t)) = (
-                n.output.first(),
-                onnx::attr(n, "value").and_then(|a| a.t.as_ref()),
-            ) {
-                map.insert(out.clone(), t.clone());
-            }
+        names.extend(
+            graph
+                .node
+                .iter()
+                .filter(|n| n.op_type() == "Constant" && onnx::attr(n, "value").is_some())
+                .filter_map(|n| n.output.first().cloned()),
+        );
+        Constants { graph, names }
+    }
+
+    fn get(&self, name: &str) -> Option<&'g TensorProto> {
+        if !self.names.contains(name) {
+            return None;
         }
-        Constants(map)
-    }
-
-    fn get(&self, name: &str) -> Option<&TensorProto> {
-        self.0.get(name)
-    }
-
-    /// Stores `tensor` under `name` when `name` is a constant that only the folded Conv reads (or
-    /// does not exist yet); otherwise under a fresh name. Returns the name used.
-    fn replace(
-        &self,
-        graph: &mut onnx::GraphProto,
-        name: &str,
-        mut tensor: TensorProto,
-        names: &mut Names,
-    ) -> String {
-        let readers = graph
-            .node
+        self.graph
+            .initializer
             .iter()
-            .map(|n| n.input.iter().filter(|i| *i == name).count())
-            .sum::<usize>()
-            + graph.output.iter().filter(|o| o.name() == name).count();
-        let exists = self.0.contains_key(name) || names.0.contains(name);
-        let in_place = readers <= 1 && !graph.input.iter().any(|i| i.name() == name);
-        let target = if exists && !in_place {
-            names.fresh(name)
-        } else {
-            name.to_string()
-        };
-        tensor.name = Some(target.clone());
-        if target == name
-            && let Some(n) = graph.node.iter_mut().find(|n| is_constant_node(n, name))
-        {
-            let is_value = |a: &&mut onnx::AttributeProto| a.name() == "value";
-            if let Some(a) = n.attribute.iter_mut().find(is_value) {
-                a.t = Some(tensor);
-            }
-            return target;
-        }
-        match graph.initializer.iter_mut().find(|t| t.name() == target) {
-            Some(t) => *t = tensor,
-            None => graph.initializer.push(tensor),
-        }
-        names.0.insert(target.clone());
-        target
+            .find(|t| t.name() == name)
+            .or_else(|| {
+                self.graph
+                    .node
+                    .iter()
+                    .find(|n| is_constant_node(n, name))
+                    .and_then(|n| onnx::attr(n, "value").and_then(|a| a.t.as_ref()))
+            })
     }
+}
+
+/// Stores `tensor` under `name` when `name` is a constant that only the folded Conv reads (or
+/// does not exist yet); otherwise under a fresh name. Returns the name used.
+fn store(
+    graph: &mut onnx::GraphProto,
+    name: &str,
+    mut tensor: TensorProto,
+    names: &mut Names,
+) -> String {
+    let readers = graph
+        .node
+        .iter()
+        .map(|n| n.input.iter().filter(|i| *i == name).count())
+        .sum::<usize>()
+        + graph.output.iter().filter(|o| o.name() == name).count();
+    let exists = names.0.contains(name);
+    let in_place = readers <= 1 && !graph.input.iter().any(|i| i.name() == name);
+    let target = if exists && !in_place {
+        names.fresh(name)
+    } else {
+        name.to_string()
+    };
+    tensor.name = Some(target.clone());
+    if target == name
+        && let Some(n) = graph.node.iter_mut().find(|n| is_constant_node(n, name))
+    {
+        let is_value = |a: &&mut onnx::AttributeProto| a.name() == "value";
+        if let Some(a) = n.attribute.iter_mut().find(is_value) {
+            a.t = Some(tensor);
+        }
+        return target;
+    }
+    match graph.initializer.iter_mut().find(|t| t.name() == target) {
+        Some(t) => *t = tensor,
+        None => graph.initializer.push(tensor),
+    }
+    names.0.insert(target.clone());
+    target
 }
 
 #[cfg(test)]

@@ -51,6 +51,17 @@ fn fails_with(model: &Path, out: &Path, calib: &Path, options: &[&str]) -> Strin
     stderr
 }
 
+/// Runs a Python one-liner with `args` as `sys.argv[1..]`, which must succeed.
+fn run_python(code: &str, args: &[&Path]) {
+    let o = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
 #[test]
 fn truncated_model() {
     let dir = tempdir();
@@ -124,12 +135,10 @@ fn undecodable_image() {
 fn npz_with_wrong_names() {
     let dir = tempdir();
     let npz = dir.path().join("wrong.npz");
-    let o = Command::new(python())
-        .args(["-c", "import numpy as np, sys; np.savez(sys.argv[1], image=np.zeros((2, 3, 16, 16), np.float32))"])
-        .arg(&npz)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run_python(
+        "import numpy as np, sys; np.savez(sys.argv[1], image=np.zeros((2, 3, 16, 16), np.float32))",
+        &[&npz],
+    );
     let err = fails(
         &fixture("conv_relu").join("model.onnx"),
         &dir.path().join("q.onnx"),
@@ -402,17 +411,11 @@ fn non_finite_weights() {
 fn non_finite_calibration_data() {
     let dir = tempdir();
     let npz = dir.path().join("nan.npz");
-    let o = Command::new(python())
-        .args([
-            "-c",
-            "import numpy as np, sys; x = np.load(sys.argv[1])['input']; x[3, 0, 1, 1] = np.nan; \
-             np.savez(sys.argv[2], input=x)",
-        ])
-        .arg(fixture("conv_relu").join("calib.npz"))
-        .arg(&npz)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    run_python(
+        "import numpy as np, sys; x = np.load(sys.argv[1])['input']; x[3, 0, 1, 1] = np.nan; \
+         np.savez(sys.argv[2], input=x)",
+        &[&fixture("conv_relu").join("calib.npz"), &npz],
+    );
     let err = fails(
         &fixture("conv_relu").join("model.onnx"),
         &dir.path().join("q.onnx"),
