@@ -140,6 +140,11 @@ pub struct PlanArgs {
     /// Keep the last Conv/Gemm/MatMul in float.
     #[arg(long)]
     pub float_last_layer: bool,
+    /// Also quantize softmax inputs and normalisation statistics (attention scores with their mask,
+    /// LayerNorm's variance), which by default stay float where MatMul or element-wise arithmetic
+    /// computes them (ONNX Runtime's quantize_static quantizes them)
+    #[arg(long)]
+    pub quantize_fragile: bool,
 }
 
 /// How image folders are turned into tensors (ignored for array data).
@@ -216,6 +221,7 @@ impl PlanArgs {
             exclude_op_types: self.exclude_op_types.clone(),
             float_first_layer: self.float_first_layer,
             float_last_layer: self.float_last_layer,
+            quantize_fragile: self.quantize_fragile,
             container: match self.container {
                 ContainerArg::Int8 => Container::Int8,
                 ContainerArg::Int4 => Container::Int4,

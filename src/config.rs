@@ -85,6 +85,10 @@ pub struct QuantConfig {
     pub float_first_layer: bool,
     /// Keep the last Conv/Gemm/MatMul in float.
     pub float_last_layer: bool,
+    /// Quantize softmax inputs and normalisation statistics too (by default they stay float when
+    /// MatMul or element-wise arithmetic computes them: attention scores with their additive mask,
+    /// LayerNorm's variance).
+    pub quantize_fragile: bool,
 }
 
 impl QuantConfig {
@@ -135,6 +139,7 @@ impl Default for QuantConfig {
             exclude_op_types: vec![],
             float_first_layer: false,
             float_last_layer: false,
+            quantize_fragile: false,
         }
     }
 }

@@ -90,6 +90,30 @@ pub enum SkipReason {
     WeightConflict(String),
     PadValueNotZero,
     FloatConstant,
+    /// Computes a tensor that must keep full precision (see [`Fragile`]).
+    Fragile(Fragile),
+    /// A Concat writing a graph output: its inputs keep their own scales, which one output scale
+    /// would flatten (box coordinates in pixels beside class scores in [0, 1]).
+    ConcatIntoOutput,
+}
+
+/// A tensor kept float by default because 8 bits over its range lose what its consumer needs.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub enum Fragile {
+    /// Feeds a Softmax: attention scores carry an additive mask (about -10000) that would stretch
+    /// the grid until the scores round away.
+    SoftmaxInput,
+    /// Feeds a square root or a divisor: a variance near zero would round to zero or jump a step.
+    NormStatistics,
+}
+
+impl fmt::Display for Fragile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Fragile::SoftmaxInput => "a softmax input",
+            Fragile::NormStatistics => "normalisation statistics",
+        })
+    }
 }
 
 impl SkipReason {
@@ -110,6 +134,8 @@ impl SkipReason {
             SkipReason::WeightConflict(_) => "weight_conflict",
             SkipReason::PadValueNotZero => "pad_value_not_zero",
             SkipReason::FloatConstant => "float_constant",
+            SkipReason::Fragile(_) => "fragile",
+            SkipReason::ConcatIntoOutput => "concat_into_output",
         }
     }
 }
@@ -149,6 +175,14 @@ impl fmt::Display for SkipReason {
             }
             SkipReason::PadValueNotZero => write!(f, "constant pad value is not zero"),
             SkipReason::FloatConstant => write!(f, "constant read by no quantized input"),
+            SkipReason::Fragile(what) => write!(
+                f,
+                "computes {what}, kept float for precision (--quantize-fragile quantizes it)"
+            ),
+            SkipReason::ConcatIntoOutput => write!(
+                f,
+                "joins tensors into a graph output: each input keeps its own scale"
+            ),
         }
     }
 }
@@ -266,6 +300,11 @@ pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
         plan: QuantPlan::default(),
         act: HashMap::new(),
         wt: HashMap::new(),
+        fragile: if config.quantize_fragile {
+            HashMap::new()
+        } else {
+            fragile_tensors(index)
+        },
     };
     let mut decisions: Vec<Option<Decision>> = vec![None; graph.node.len()];
     for &i in &index.order {
@@ -318,6 +357,8 @@ struct Planner<'a, 'm> {
     act: HashMap<String, usize>,
     /// Weight site of each quantized constant.
     wt: HashMap<String, usize>,
+    /// Tensors that stay float whatever their producer's class (empty with `quantize_fragile`).
+    fragile: HashMap<String, Fragile>,
 }
 
 /// How a constant input of a node is to be quantized.
@@ -340,6 +381,19 @@ impl Planner<'_, '_> {
             .collect();
         if float_outputs.is_empty() {
             return Ok(Decision::Float(SkipReason::NotFloat));
+        }
+        // A MatMul with a fragile output still runs on integer inputs (ONNX Runtime's
+        // MatMulIntegerToFloat); any other producer of one stays float.
+        if class != OpClass::MatMul
+            && let Some(&why) = float_outputs
+                .iter()
+                .find_map(|o| self.fragile.get(o.as_str()))
+        {
+            return Ok(Decision::Float(SkipReason::Fragile(why)));
+        }
+        if node.op_type() == "Concat" && float_outputs.iter().any(|o| self.index.is_graph_output(o))
+        {
+            return Ok(Decision::Float(SkipReason::ConcatIntoOutput));
         }
         match class {
             OpClass::Linear => self.linear(i),
@@ -479,6 +533,7 @@ impl Planner<'_, '_> {
                     axis: None,
                     grid: self.config.act_grid(),
                 }),
+                None if self.fragile.contains_key(t.as_str()) => {}
                 None => acts.push(t.as_str()),
             }
         }
@@ -537,6 +592,9 @@ impl Planner<'_, '_> {
     fn same_as_input(&mut self, i: usize) -> Decision {
         let node = self.index.node(i);
         let x = node.input[0].as_str();
+        if self.index.constant(x).is_some() {
+            return Decision::Float(SkipReason::ConstantActivation(x.into()));
+        }
         let Some(&site) = self.act.get(x) else {
             return Decision::Float(SkipReason::InputNotQuantized(x.into()));
         };
@@ -556,11 +614,13 @@ impl Planner<'_, '_> {
 
     fn outputs(&mut self, i: usize, fixed: Option<(f32, f32)>) {
         let node = self.index.node(i);
-        for out in node
+        let outputs: Vec<&String> = node
             .output
             .iter()
             .filter(|o| !o.is_empty() && self.index.is_float(o))
-        {
+            .filter(|o| !self.fragile.contains_key(o.as_str()))
+            .collect();
+        for out in outputs {
             let range = match fixed {
                 Some((lo, hi)) => RangeSource::Fixed(lo, hi),
                 None => RangeSource::Observed(out.clone()),
@@ -623,6 +683,68 @@ impl Planner<'_, '_> {
             .find(|n| !self.index.name_taken(n) && !self.plan.biases.iter().any(|b| &b.name == n))
             .unwrap_or_default()
     }
+}
+
+/// Element-wise operators through which a fragile tensor's precision need reaches back to their
+/// inputs.
+const ELEMENTWISE: &[&str] = &[
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Neg",
+    "Sqrt",
+    "Reciprocal",
+    "Cast",
+    "Where",
+];
+
+/// Softmax inputs and normalisation statistics (square-root inputs and divisors), and what computes
+/// them through element-wise arithmetic, back to the first MatMul or other producer. Only tensors an
+/// element-wise op or a MatMul writes are returned: a Conv/Gemm/Concat output keeps its quantization
+/// so that it fuses.
+fn fragile_tensors(index: &GraphIndex) -> HashMap<String, Fragile> {
+    let graph = index.graph;
+    let mut seeds: Vec<(&str, Fragile)> = vec![];
+    for node in &graph.node {
+        let input = |k: usize| {
+            node.input
+                .get(k)
+                .map(String::as_str)
+                .filter(|t| !t.is_empty())
+        };
+        let seed = match node.op_type() {
+            "Softmax" | "LogSoftmax" => input(0).map(|t| (t, Fragile::SoftmaxInput)),
+            "Sqrt" | "Reciprocal" => input(0).map(|t| (t, Fragile::NormStatistics)),
+            "Div" => input(1)
+                .filter(|t| index.constant(t).is_none())
+                .map(|t| (t, Fragile::NormStatistics)),
+            _ => None,
+        };
+        seeds.extend(seed);
+    }
+    let mut fragile = HashMap::new();
+    while let Some((tensor, why)) = seeds.pop() {
+        if fragile.contains_key(tensor) || !index.is_float(tensor) {
+            continue;
+        }
+        let Some(producer) = index.producer(tensor).map(|p| index.node(p)) else {
+            continue;
+        };
+        if producer.op_type() == "MatMul" {
+            fragile.insert(tensor.to_string(), why);
+        } else if ELEMENTWISE.contains(&producer.op_type()) {
+            fragile.insert(tensor.to_string(), why);
+            seeds.extend(
+                producer
+                    .input
+                    .iter()
+                    .filter(|t| !t.is_empty() && index.constant(t).is_none())
+                    .map(|t| (t.as_str(), why)),
+            );
+        }
+    }
+    fragile
 }
 
 /// How a Conv's or Gemm's weight meets its input, when bias correction handles the layer: Gemm, and

@@ -7,6 +7,7 @@ mod fixtures;
 mod lapq;
 mod onnx_io;
 mod oracle;
+mod transformer;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
