@@ -321,12 +321,7 @@ fn qdq_node(
         input: inputs.iter().map(|s| s.to_string()).collect(),
         output: vec![output.into()],
         attribute: axis
-            .map(|a| AttributeProto {
-                name: Some("axis".into()),
-                i: Some(a as i64),
-                r#type: Some(onnx::proto::attribute_proto::AttributeType::Int as i32),
-                ..Default::default()
-            })
+            .map(|a| onnx::make_attr_i("axis", a as i64))
             .into_iter()
             .collect(),
         ..Default::default()

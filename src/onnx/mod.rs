@@ -20,7 +20,7 @@ pub mod proto {
 pub use proto::tensor_proto::DataType;
 pub use proto::{
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    ValueInfoProto,
+    ValueInfoProto, type_proto,
 };
 
 /// The default ("ai.onnx") domain's opset version imported by `model`, if any.
@@ -55,6 +55,16 @@ pub fn attr_ints<'a>(node: &'a NodeProto, name: &str) -> Option<&'a [i64]> {
 /// String attribute `name`, if present.
 pub fn attr_s<'a>(node: &'a NodeProto, name: &str) -> Option<&'a [u8]> {
     attr(node, name).and_then(|a| a.s.as_deref())
+}
+
+/// An integer attribute.
+pub fn make_attr_i(name: &str, value: i64) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        i: Some(value),
+        r#type: Some(proto::attribute_proto::AttributeType::Int as i32),
+        ..Default::default()
+    }
 }
 
 /// A short human label for a node: its name, or its op type and first output when unnamed.

@@ -16,6 +16,8 @@ const FIXTURES: &[(&str, &str)] = &[
     ("constant_nodes", "Conv,Gemm"),
     ("classifier", "Conv,Gemm"),
     ("external_data", "Conv"),
+    ("attention", "MatMul"),
+    ("old_opset", "Conv,Gemm"),
 ];
 
 /// Quantizes every fixture with `options` (and `--report`), then runs the independent check at
@@ -214,4 +216,55 @@ fn report_lists_parameters_and_skipped_nodes() {
             .all(|w| w["axis"] == 0)
     );
     assert_eq!(r["calibration_samples"], 16);
+}
+
+#[test]
+fn a_concat_into_a_graph_output_stays_float_so_its_inputs_keep_their_scales() {
+    // The concat fixture with its Concat's output also made a graph output (as YOLOv8 joins boxes in
+    // pixels and class scores in [0, 1]).
+    let dir = tempdir();
+    let bytes = std::fs::read(fixture("concat").join("model.onnx")).unwrap();
+    let mut model = ::lapq::onnx::decode_model(&bytes, "concat").unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    let mut extra = graph.output[0].clone();
+    extra.name = Some("cat_out".into());
+    if let Some(::lapq::onnx::type_proto::Value::TensorType(t)) =
+        extra.r#type.as_mut().and_then(|t| t.value.as_mut())
+    {
+        for d in &mut t.shape.as_mut().unwrap().dim[2..] {
+            d.value = Some(::lapq::onnx::proto::tensor_shape_proto::dimension::Value::DimValue(16));
+        }
+    }
+    graph.output.push(extra);
+    let path = dir.path().join("concat_output.onnx");
+    std::fs::write(&path, ::lapq::onnx::encode_model(&model)).unwrap();
+
+    let (out, report) = (dir.path().join("q.onnx"), dir.path().join("r.json"));
+    let calib = fixture("concat").join("calib.npz");
+    quantize(
+        &path,
+        &out,
+        &calib,
+        &["--quiet", "--report", report.to_str().unwrap()],
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let concat = r["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["node"] == "concat")
+        .unwrap_or_else(|| panic!("concat not float: {r}"));
+    assert_eq!(concat["code"], "concat_into_output");
+    // the branches keep their own parameters
+    let sites: Vec<&str> = r["activations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["tensor"].as_str().unwrap())
+        .collect();
+    assert!(
+        sites.contains(&"a_out") && sites.contains(&"b_out") && !sites.contains(&"cat_out"),
+        "{sites:?}"
+    );
+    check_qdq(&path, &out, &calib, "w8a8", "Conv");
 }
