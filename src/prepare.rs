@@ -116,7 +116,7 @@ fn fold_batch_norm(graph: &mut onnx::GraphProto, bn: usize) -> Result<Option<Mer
     let out = node.output[0].clone();
     let bn_inputs = node.input[1..5].to_vec();
     let weight_name = graph.node[conv].input[1].clone();
-    let mut names = Names::of(graph);
+    let mut names = onnx::Names::of(graph);
     let weight_name = store(
         graph,
         &weight_name,
@@ -167,32 +167,6 @@ fn is_constant_node(n: &NodeProto, output: &str) -> bool {
 }
 
 /// Every name the graph uses, to pick fresh ones.
-struct Names(HashSet<String>);
-
-impl Names {
-    fn of(graph: &onnx::GraphProto) -> Names {
-        let mut names: HashSet<String> = graph
-            .node
-            .iter()
-            .flat_map(|n| n.input.iter().chain(&n.output).cloned())
-            .collect();
-        names.extend(graph.initializer.iter().map(|t| t.name().to_string()));
-        names.extend(graph.input.iter().map(|v| v.name().to_string()));
-        Names(names)
-    }
-
-    fn fresh(&mut self, base: &str) -> String {
-        let mut name = format!("{base}_folded");
-        let mut k = 1;
-        while self.0.contains(&name) {
-            k += 1;
-            name = format!("{base}_folded_{k}");
-        }
-        self.0.insert(name.clone());
-        name
-    }
-}
-
 /// The names of the graph's constant tensors: initializers and `Constant` nodes with a `value`.
 /// Tensors are looked up (and cloned) one at a time, when a fold needs them.
 struct Constants<'g> {
@@ -241,7 +215,7 @@ fn store(
     graph: &mut onnx::GraphProto,
     name: &str,
     mut tensor: TensorProto,
-    names: &mut Names,
+    names: &mut onnx::Names,
 ) -> String {
     let readers = graph
         .node
@@ -249,10 +223,10 @@ fn store(
         .map(|n| n.input.iter().filter(|i| *i == name).count())
         .sum::<usize>()
         + graph.output.iter().filter(|o| o.name() == name).count();
-    let exists = names.0.contains(name);
+    let exists = names.contains(name);
     let in_place = readers <= 1 && !graph.input.iter().any(|i| i.name() == name);
     let target = if exists && !in_place {
-        names.fresh(name)
+        names.fresh(&format!("{name}_folded"))
     } else {
         name.to_string()
     };
@@ -270,7 +244,7 @@ fn store(
         Some(t) => *t = tensor,
         None => graph.initializer.push(tensor),
     }
-    names.0.insert(target.clone());
+    names.insert(&target);
     target
 }
 

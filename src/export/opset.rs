@@ -1,13 +1,12 @@
 //! Raising the default-domain opset when Q/DQ features need it (per-channel `axis` needs 13, INT4 and
 //! 16-bit activations 21), rewriting the nodes whose signature changed on the way.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use anyhow::{Result, bail, ensure};
 
 use crate::onnx::{
-    self, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorData, ValueInfoProto,
-    type_proto,
+    self, ModelProto, NodeProto, OperatorSetIdProto, TensorData, ValueInfoProto, type_proto,
 };
 
 /// Operators whose signature or semantics changed at the given opset in a way no local rewrite
@@ -142,7 +141,7 @@ fn rewrite_changed_nodes(model: &mut ModelProto, current: i64, needed: i64) -> R
         .chain(&graph.value_info)
         .filter_map(|vi| Some((vi.name().to_string(), value_info_rank(vi)?)))
         .collect();
-    let mut names = Names::new(graph);
+    let mut names = onnx::Names::of(graph);
     let mut inits = vec![];
     let mut nodes = Vec::with_capacity(graph.node.len());
     for mut node in std::mem::take(&mut graph.node) {
@@ -198,7 +197,7 @@ fn rewrite_changed_nodes(model: &mut ModelProto, current: i64, needed: i64) -> R
 }
 
 /// `op(x, axis)` at opset < 13 as Shape(x), Flatten(x, axis), op(axis = 1), Reshape to the shape.
-fn flattened(mut node: NodeProto, axis: i64, names: &mut Names) -> Vec<NodeProto> {
+fn flattened(mut node: NodeProto, axis: i64, names: &mut onnx::Names) -> Vec<NodeProto> {
     let label = onnx::node_label(&node);
     let x = node.input.first().cloned().unwrap_or_default();
     let y = node.output.first().cloned().unwrap_or_default();
@@ -245,40 +244,11 @@ fn value_info_rank(vi: &ValueInfoProto) -> Option<usize> {
     }
 }
 
-/// Fresh tensor and node names: `base`, else `base_1`, `base_2`, ...
-struct Names(HashSet<String>);
-
-impl Names {
-    fn new(graph: &GraphProto) -> Names {
-        Names(
-            graph
-                .node
-                .iter()
-                .flat_map(|n| n.input.iter().chain(&n.output).chain(n.name.as_ref()))
-                .chain(graph.initializer.iter().filter_map(|t| t.name.as_ref()))
-                .chain(graph.input.iter().filter_map(|t| t.name.as_ref()))
-                .cloned()
-                .collect(),
-        )
-    }
-
-    fn fresh(&mut self, base: &str) -> String {
-        let mut name = base.to_string();
-        let mut n = 1;
-        while self.0.contains(&name) {
-            name = format!("{base}_{n}");
-            n += 1;
-        }
-        self.0.insert(name.clone());
-        name
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::onnx::AttributeProto;
     use crate::onnx::proto::{TensorShapeProto, TypeProto, tensor_shape_proto};
+    use crate::onnx::{AttributeProto, GraphProto};
 
     fn node(op: &str, name: &str, input: &str, output: &str) -> NodeProto {
         NodeProto {

@@ -57,6 +57,46 @@ pub fn attr_s<'a>(node: &'a NodeProto, name: &str) -> Option<&'a [u8]> {
     attr(node, name).and_then(|a| a.s.as_deref())
 }
 
+/// Every name a graph uses (tensors, nodes, initializers, inputs), for making fresh ones.
+pub struct Names(std::collections::HashSet<String>);
+
+impl Names {
+    pub fn of(graph: &GraphProto) -> Names {
+        Names(
+            graph
+                .node
+                .iter()
+                .flat_map(|n| n.input.iter().chain(&n.output).chain(n.name.as_ref()))
+                .chain(graph.initializer.iter().filter_map(|t| t.name.as_ref()))
+                .chain(graph.input.iter().filter_map(|t| t.name.as_ref()))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// Whether the graph uses `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.contains(name)
+    }
+
+    /// Marks `name` as used.
+    pub fn insert(&mut self, name: &str) {
+        self.0.insert(name.to_string());
+    }
+
+    /// `base` if unused, else the first unused `base_1`, `base_2`, ...; taken from now on.
+    pub fn fresh(&mut self, base: &str) -> String {
+        let mut name = base.to_string();
+        let mut k = 1;
+        while self.0.contains(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        self.0.insert(name.clone());
+        name
+    }
+}
+
 /// An integer attribute.
 pub fn make_attr_i(name: &str, value: i64) -> AttributeProto {
     AttributeProto {

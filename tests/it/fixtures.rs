@@ -1,7 +1,7 @@
 //! Every fixture model quantizes, passes onnx.checker, loads in ONNX Runtime, fuses, and stays close to
 //! ONNX Runtime's float outputs; plans are snapshotted.
 
-use crate::{check_qdq, fixture, lapq, quantize, tempdir};
+use crate::{check_qdq, fixture, lapq, quantize, site_tensors, tempdir};
 
 /// Fixtures, and the float op types that must all be fused into integer kernels in ONNX Runtime.
 const FIXTURES: &[(&str, &str)] = &[
@@ -256,12 +256,7 @@ fn a_concat_into_a_graph_output_stays_float_so_its_inputs_keep_their_scales() {
         .unwrap_or_else(|| panic!("concat not float: {r}"));
     assert_eq!(concat["code"], "concat_into_output");
     // the branches keep their own parameters
-    let sites: Vec<&str> = r["activations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["tensor"].as_str().unwrap())
-        .collect();
+    let sites = site_tensors(&r);
     assert!(
         sites.contains(&"a_out") && sites.contains(&"b_out") && !sites.contains(&"cat_out"),
         "{sites:?}"

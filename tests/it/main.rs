@@ -90,6 +90,16 @@ pub fn check_qdq(
     serde_json::from_str(&stdout).expect("check_qdq prints JSON")
 }
 
+/// The tensors of a report's activation sites.
+pub fn site_tensors(report: &serde_json::Value) -> Vec<&str> {
+    report["activations"]
+        .as_array()
+        .expect("report has activations")
+        .iter()
+        .map(|a| a["tensor"].as_str().expect("site tensor name"))
+        .collect()
+}
+
 /// A fresh temporary folder.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temp dir")

@@ -1,7 +1,7 @@
 //! Transformer graphs: int64 token inputs pass through, attention scores with their mask and
 //! LayerNorm's variance stay float by default (and that is what keeps the model close to float).
 
-use crate::{check_qdq, fixture, quantize, tempdir};
+use crate::{check_qdq, fixture, quantize, site_tensors, tempdir};
 
 fn report_and_check(extra: &[&str]) -> (serde_json::Value, serde_json::Value) {
     let dir = tempdir();
@@ -50,12 +50,7 @@ fn softmax_inputs_and_variances_stay_float_by_default_and_that_keeps_accuracy() 
         "{checked}"
     );
     // token ids and masks are int64: no site may read them
-    let sites: Vec<&str> = r["activations"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["tensor"].as_str().unwrap())
-        .collect();
+    let sites = site_tensors(&r);
     assert!(
         !sites.contains(&"input_ids") && !sites.contains(&"attention_mask"),
         "{sites:?}"
