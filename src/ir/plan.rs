@@ -103,15 +103,16 @@ pub enum Fragile {
     /// Feeds a Softmax: attention scores carry an additive mask (about -10000) that would stretch
     /// the grid until the scores round away.
     SoftmaxInput,
-    /// Feeds a square root or a divisor: a variance near zero would round to zero or jump a step.
-    NormStatistics,
+    /// Feeds a square root or a divisor (normalisation statistics): a value near zero would round to
+    /// zero or jump a whole step.
+    RootOrDivisor,
 }
 
 impl fmt::Display for Fragile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Fragile::SoftmaxInput => "a softmax input",
-            Fragile::NormStatistics => "normalisation statistics",
+            Fragile::RootOrDivisor => "a square root's input or a divisor",
         })
     }
 }
@@ -715,10 +716,10 @@ fn fragile_tensors(index: &GraphIndex) -> HashMap<String, Fragile> {
         };
         let seed = match node.op_type() {
             "Softmax" | "LogSoftmax" => input(0).map(|t| (t, Fragile::SoftmaxInput)),
-            "Sqrt" | "Reciprocal" => input(0).map(|t| (t, Fragile::NormStatistics)),
+            "Sqrt" | "Reciprocal" => input(0).map(|t| (t, Fragile::RootOrDivisor)),
             "Div" => input(1)
                 .filter(|t| index.constant(t).is_none())
-                .map(|t| (t, Fragile::NormStatistics)),
+                .map(|t| (t, Fragile::RootOrDivisor)),
             _ => None,
         };
         seeds.extend(seed);
