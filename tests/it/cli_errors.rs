@@ -1,9 +1,8 @@
 //! Bad input: a one-line error naming the file or tensor, a non-zero exit, no output, never a panic.
 
 use std::path::Path;
-use std::process::Command;
 
-use crate::{fixture, lapq, python, tempdir};
+use crate::{fixture, lapq, py, tempdir};
 
 /// Runs `lapq quantize` expecting failure; returns stderr after checking the common contract.
 fn fails(model: &Path, out: &Path, calib: &Path) -> String {
@@ -49,17 +48,6 @@ fn fails_with(model: &Path, out: &Path, calib: &Path, options: &[&str]) -> Strin
         "temp files left: {leftovers:?}"
     );
     stderr
-}
-
-/// Runs a Python one-liner with `args` as `sys.argv[1..]`, which must succeed.
-fn run_python(code: &str, args: &[&Path]) {
-    let o = Command::new(python())
-        .arg("-c")
-        .arg(code)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]
@@ -135,7 +123,7 @@ fn undecodable_image() {
 fn npz_with_wrong_names() {
     let dir = tempdir();
     let npz = dir.path().join("wrong.npz");
-    run_python(
+    py(
         "import numpy as np, sys; np.savez(sys.argv[1], image=np.zeros((2, 3, 16, 16), np.float32))",
         &[&npz],
     );
@@ -411,7 +399,7 @@ fn non_finite_weights() {
 fn non_finite_calibration_data() {
     let dir = tempdir();
     let npz = dir.path().join("nan.npz");
-    run_python(
+    py(
         "import numpy as np, sys; x = np.load(sys.argv[1])['input']; x[3, 0, 1, 1] = np.nan; \
          np.savez(sys.argv[2], input=x)",
         &[&fixture("conv_relu").join("calib.npz"), &npz],

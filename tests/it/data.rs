@@ -1,18 +1,6 @@
 //! Every calibration data form feeds the same samples: .npz, .npy, test_data_set folders, images.
 
-use std::process::Command;
-
-use crate::{check_qdq, fixture, lapq, python, quantize, tempdir};
-
-fn py(code: &str, args: &[&str]) {
-    let o = Command::new(python())
-        .arg("-c")
-        .arg(code)
-        .args(args)
-        .output()
-        .expect("python runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
+use crate::{check_qdq, fixture, lapq, py, quantize, tempdir};
 
 #[test]
 fn npy_gives_the_same_model_as_npz() {
@@ -24,7 +12,7 @@ fn npy_gives_the_same_model_as_npz() {
     let npy = dir.path().join("calib.npy");
     py(
         "import numpy as np, sys; np.save(sys.argv[2], np.load(sys.argv[1])['input'])",
-        &[npz.to_str().unwrap(), npy.to_str().unwrap()],
+        &[&npz, &npy],
     );
     let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
     quantize(&model, &a, &npz, &["--quiet"]);
@@ -42,10 +30,7 @@ fn test_data_sets_give_the_same_model_as_the_same_arrays() {
          from onnx import numpy_helper\n\
          a = [numpy_helper.to_array(onnx.load_tensor(d + '/input_0.pb')) for d in sorted(glob.glob(sys.argv[1] + '/test_data_set_*'))]\n\
          np.savez(sys.argv[2], input=np.concatenate(a))",
-        &[
-            fixture("conv_relu").to_str().unwrap(),
-            npz.to_str().unwrap(),
-        ],
+        &[&fixture("conv_relu"), &npz],
     );
     let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
     quantize(&model, &a, &fixture("conv_relu"), &["--quiet"]);
@@ -88,7 +73,7 @@ fn image_folder_calibrates_an_image_model() {
          \x20   l, t = round((w - 16) / 2), round((h - 16) / 2)\n\
          \x20   xs.append(((np.asarray(im.crop((l, t, l + 16, t + 16)), np.float32) - 127) / 128).transpose(2, 0, 1))\n\
          np.savez(sys.argv[2], input=np.stack(xs))",
-        &[fixture("images").to_str().unwrap(), npz.to_str().unwrap()],
+        &[&fixture("images"), &npz],
     );
     check_qdq(&model, &out, &npz, "w8a8", "Conv,Gemm");
 }

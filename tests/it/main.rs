@@ -29,6 +29,23 @@ pub fn python() -> PathBuf {
         .unwrap_or_else(|| root().join(".venv/bin/python"))
 }
 
+/// Runs a Python snippet (the project's venv) with `args` as `sys.argv[1..]`; it must succeed.
+pub fn py(code: &str, args: &[&Path]) {
+    py_output(code, args);
+}
+
+/// Runs a Python snippet like [`py`] and returns what it printed.
+pub fn py_output(code: &str, args: &[&Path]) -> String {
+    let o = Command::new(python())
+        .arg("-c")
+        .arg(code)
+        .args(args)
+        .output()
+        .expect("python runs");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 /// Runs the `lapq` binary.
 pub fn lapq(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lapq"))

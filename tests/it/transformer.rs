@@ -1,7 +1,7 @@
 //! Transformer graphs: int64 token inputs pass through, attention scores with their mask and
 //! LayerNorm's variance stay float by default (and that is what keeps the model close to float).
 
-use crate::{check_qdq, fixture, quantize, site_tensors, tempdir};
+use crate::{check_qdq, fixture, py, py_output, quantize, site_tensors, tempdir};
 
 fn report_and_check(extra: &[&str]) -> (serde_json::Value, serde_json::Value) {
     let dir = tempdir();
@@ -69,5 +69,56 @@ fn softmax_inputs_and_variances_stay_float_by_default_and_that_keeps_accuracy() 
     assert!(
         kept * 3.0 < quantized,
         "float softmax inputs and variances: rel_rms {kept}, quantized: {quantized}"
+    );
+}
+
+#[test]
+fn calibration_sequences_of_different_lengths_work() {
+    // The fixture's 16 calibration rows in ONNX test_data_set folders of 1 to 4 rows each, every
+    // batch cut to its longest real sequence: batch and sequence lengths differ from set to set. The
+    // model's batch and sequence dimensions are symbolic, and stay so in the export.
+    let dir = tempdir();
+    let sets = dir.path().join("sets");
+    py(
+        "import numpy as np, os, sys\n\
+         from onnx import numpy_helper\n\
+         data = np.load(sys.argv[1]); ids, mask = data['input_ids'], data['attention_mask']\n\
+         start = 0\n\
+         for i, batch in enumerate([1, 2, 3, 4, 3, 2, 1]):\n\
+         \x20   rows = slice(start, start + batch); start += batch\n\
+         \x20   n = int(mask[rows].sum(axis=1).max())\n\
+         \x20   d = os.path.join(sys.argv[2], f'test_data_set_{i}'); os.makedirs(d)\n\
+         \x20   for k, name in enumerate(['input_ids', 'attention_mask']):\n\
+         \x20       a = numpy_helper.from_array(np.ascontiguousarray(data[name][rows, :n]), name)\n\
+         \x20       open(os.path.join(d, f'input_{k}.pb'), 'wb').write(a.SerializeToString())",
+        &[&fixture("attention").join("calib.npz"), &sets],
+    );
+    let model = fixture("attention").join("model.onnx");
+    let (out, report) = (dir.path().join("q.onnx"), dir.path().join("r.json"));
+    quantize(
+        &model,
+        &out,
+        &sets,
+        &["--quiet", "--report", report.to_str().unwrap()],
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["calibration_samples"], 7);
+    // scored on the fixture's own [16, 12] arrays, whose shape no set has
+    check_qdq(
+        &model,
+        &out,
+        &fixture("attention").join("calib.npz"),
+        "w8a8",
+        "MatMul",
+    );
+    let dims = py_output(
+        "import onnx, sys\n\
+         m = onnx.load(sys.argv[1])\n\
+         print([[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input])",
+        &[&out],
+    );
+    assert_eq!(
+        dims.trim(),
+        "[['batch', 'sequence'], ['batch', 'sequence']]"
     );
 }
