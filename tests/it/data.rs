@@ -1,5 +1,7 @@
 //! Every calibration data form feeds the same samples: .npz, .npy, test_data_set folders, images.
 
+use std::path::{Path, PathBuf};
+
 use crate::{check_qdq, fixture, lapq, py, quantize, tempdir};
 
 #[test]
@@ -39,6 +41,26 @@ fn test_data_sets_give_the_same_model_as_the_same_arrays() {
     check_qdq(&model, &a, &npz, "w8a8", "Conv");
 }
 
+/// The fixture images preprocessed independently (PIL), in the given layout: resize the short side to
+/// 16 x 256 / 224 = 18, centre crop 16x16, (x - 127) / 128; saved as `input` in `dir/images.npz`.
+fn images_npz(dir: &Path, layout: &str) -> PathBuf {
+    let npz = dir.join("images.npz");
+    let code = format!(
+        "import numpy as np, sys, glob\n\
+         from PIL import Image\n\
+         xs = []\n\
+         for f in sorted(glob.glob(sys.argv[1] + '/*')):\n\
+         \x20   im = Image.open(f).convert('RGB'); w, h = im.size; s = 18 / min(w, h)\n\
+         \x20   im = im.resize((max(16, round(w * s)), max(16, round(h * s))), Image.BILINEAR); w, h = im.size\n\
+         \x20   l, t = round((w - 16) / 2), round((h - 16) / 2)\n\
+         \x20   xs.append((np.asarray(im.crop((l, t, l + 16, t + 16)), np.float32) - 127) / 128)\n\
+         x = np.stack(xs)\n\
+         np.savez(sys.argv[2], input=x if '{layout}' == 'nhwc' else x.transpose(0, 3, 1, 2))"
+    );
+    py(&code, &[&fixture("images"), &npz]);
+    npz
+}
+
 #[test]
 fn image_folder_calibrates_an_image_model() {
     let dir = tempdir();
@@ -60,21 +82,7 @@ fn image_folder_calibrates_an_image_model() {
     );
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(r["calibration_samples"], 6);
-    // The same images preprocessed independently (PIL): resize the short side to 16 x 256 / 224 = 18,
-    // centre crop 16x16, (x - 127) / 128, NCHW.
-    let npz = dir.path().join("images.npz");
-    py(
-        "import numpy as np, sys, glob\n\
-         from PIL import Image\n\
-         xs = []\n\
-         for f in sorted(glob.glob(sys.argv[1] + '/*')):\n\
-         \x20   im = Image.open(f).convert('RGB'); w, h = im.size; s = 18 / min(w, h)\n\
-         \x20   im = im.resize((max(16, round(w * s)), max(16, round(h * s))), Image.BILINEAR); w, h = im.size\n\
-         \x20   l, t = round((w - 16) / 2), round((h - 16) / 2)\n\
-         \x20   xs.append(((np.asarray(im.crop((l, t, l + 16, t + 16)), np.float32) - 127) / 128).transpose(2, 0, 1))\n\
-         np.savez(sys.argv[2], input=np.stack(xs))",
-        &[&fixture("images"), &npz],
-    );
+    let npz = images_npz(dir.path(), "nchw");
     check_qdq(&model, &out, &npz, "w8a8", "Conv,Gemm");
 }
 
@@ -115,4 +123,32 @@ fn max_samples_draws_a_seeded_subset() {
     );
     let o = lapq(&["inspect", model.to_str().unwrap()]);
     assert!(o.status.success());
+}
+
+#[test]
+fn image_folder_feeds_an_nhwc_model() {
+    // The layout comes from the input's shape ([N, 16, 16, 3]: channels last), as tf2onnx exports.
+    let dir = tempdir();
+    let model = fixture("nhwc").join("model.onnx");
+    let (out, report) = (dir.path().join("q.onnx"), dir.path().join("r.json"));
+    quantize(
+        &model,
+        &out,
+        &fixture("images"),
+        &[
+            "--quiet",
+            "--mean",
+            "127",
+            "--std",
+            "128",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["calibration_samples"], 6);
+    // scored on the same images made channels-last by PIL (its resampling differs from the image
+    // crate's in the last bits, so the models are close, not identical)
+    let npz = images_npz(dir.path(), "nhwc");
+    check_qdq(&model, &out, &npz, "w8a8", "Conv");
 }

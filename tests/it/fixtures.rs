@@ -18,6 +18,7 @@ const FIXTURES: &[(&str, &str)] = &[
     ("external_data", "Conv"),
     ("attention", "MatMul"),
     ("old_opset", "Conv,Gemm"),
+    ("nhwc", "Conv"),
 ];
 
 /// Quantizes every fixture with `options` (and `--report`), then runs the independent check at
