@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use crate::{fixture, lapq, py, tempdir};
+use crate::{fixture, lapq, py, run_quantize, tempdir};
 
 /// Runs `lapq quantize` expecting failure; returns stderr after checking the common contract.
 fn fails(model: &Path, out: &Path, calib: &Path) -> String {
@@ -11,17 +11,9 @@ fn fails(model: &Path, out: &Path, calib: &Path) -> String {
 
 /// `fails` with more options.
 fn fails_with(model: &Path, out: &Path, calib: &Path, options: &[&str]) -> String {
-    let mut args = vec![
-        "quantize",
-        model.to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--calib",
-        calib.to_str().unwrap(),
-        "--quiet",
-    ];
+    let mut args = vec!["--quiet"];
     args.extend_from_slice(options);
-    let o = lapq(&args);
+    let o = run_quantize(model, out, calib, &args);
     let stderr = String::from_utf8_lossy(&o.stderr).to_string();
     assert_eq!(o.status.code(), Some(1), "expected exit 1: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");

@@ -61,29 +61,33 @@ fn images_npz(dir: &Path, layout: &str) -> PathBuf {
     npz
 }
 
-#[test]
-fn image_folder_calibrates_an_image_model() {
+/// Quantizes the fixture model `name` from the image folder (pixels as (x - 127) / 128), then checks
+/// it on the same images preprocessed by PIL in `layout`.
+fn calibrate_from_images(name: &str, layout: &str, fused: &str) {
     let dir = tempdir();
-    let model = fixture("classifier").join("model.onnx");
+    let model = fixture(name).join("model.onnx");
     let (out, report) = (dir.path().join("q.onnx"), dir.path().join("r.json"));
-    quantize(
-        &model,
-        &out,
-        &fixture("images"),
-        &[
-            "--quiet",
-            "--mean",
-            "127",
-            "--std",
-            "128",
-            "--report",
-            report.to_str().unwrap(),
-        ],
-    );
+    let report_arg = report.to_str().unwrap();
+    let options = [
+        "--quiet", "--mean", "127", "--std", "128", "--report", report_arg,
+    ];
+    quantize(&model, &out, &fixture("images"), &options);
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     assert_eq!(r["calibration_samples"], 6);
-    let npz = images_npz(dir.path(), "nchw");
-    check_qdq(&model, &out, &npz, "w8a8", "Conv,Gemm");
+    // PIL's resampling differs from the image crate's in the last bits: close, not identical
+    let npz = images_npz(dir.path(), layout);
+    check_qdq(&model, &out, &npz, "w8a8", fused);
+}
+
+#[test]
+fn image_folder_calibrates_an_image_model() {
+    calibrate_from_images("classifier", "nchw", "Conv,Gemm");
+}
+
+#[test]
+fn image_folder_feeds_an_nhwc_model() {
+    // The layout comes from the input's shape ([N, 16, 16, 3]: channels last), as tf2onnx exports.
+    calibrate_from_images("nhwc", "nhwc", "Conv");
 }
 
 #[test]
@@ -123,32 +127,4 @@ fn max_samples_draws_a_seeded_subset() {
     );
     let o = lapq(&["inspect", model.to_str().unwrap()]);
     assert!(o.status.success());
-}
-
-#[test]
-fn image_folder_feeds_an_nhwc_model() {
-    // The layout comes from the input's shape ([N, 16, 16, 3]: channels last), as tf2onnx exports.
-    let dir = tempdir();
-    let model = fixture("nhwc").join("model.onnx");
-    let (out, report) = (dir.path().join("q.onnx"), dir.path().join("r.json"));
-    quantize(
-        &model,
-        &out,
-        &fixture("images"),
-        &[
-            "--quiet",
-            "--mean",
-            "127",
-            "--std",
-            "128",
-            "--report",
-            report.to_str().unwrap(),
-        ],
-    );
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-    assert_eq!(r["calibration_samples"], 6);
-    // scored on the same images made channels-last by PIL (its resampling differs from the image
-    // crate's in the last bits, so the models are close, not identical)
-    let npz = images_npz(dir.path(), "nhwc");
-    check_qdq(&model, &out, &npz, "w8a8", "Conv");
 }

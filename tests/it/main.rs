@@ -54,8 +54,8 @@ pub fn lapq(args: &[&str]) -> Output {
         .expect("lapq runs")
 }
 
-/// Runs `lapq quantize` and panics with its stderr if it fails.
-pub fn quantize(model: &Path, out: &Path, calib: &Path, extra: &[&str]) {
+/// Runs `lapq quantize MODEL -o OUT --calib CALIB EXTRA...` and returns its output.
+pub fn run_quantize(model: &Path, out: &Path, calib: &Path, extra: &[&str]) -> Output {
     let mut args = vec![
         "quantize",
         model.to_str().unwrap(),
@@ -65,10 +65,16 @@ pub fn quantize(model: &Path, out: &Path, calib: &Path, extra: &[&str]) {
         calib.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let o = lapq(&args);
+    lapq(&args)
+}
+
+/// Runs `lapq quantize` and panics with its stderr if it fails.
+pub fn quantize(model: &Path, out: &Path, calib: &Path, extra: &[&str]) {
+    let o = run_quantize(model, out, calib, extra);
     assert!(
         o.status.success(),
-        "lapq {args:?} failed:\n{}",
+        "lapq quantize {} {extra:?} failed:\n{}",
+        model.display(),
         String::from_utf8_lossy(&o.stderr)
     );
 }
