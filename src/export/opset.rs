@@ -215,7 +215,7 @@ fn flattened(mut node: NodeProto, axis: i64, names: &mut onnx::Names) -> Vec<Nod
     };
     let mut flatten = make(
         "Flatten",
-        format!("{label}_flatten"),
+        names.fresh(&format!("{label}_flatten")),
         vec![x.clone()],
         flat.clone(),
     );
@@ -225,12 +225,17 @@ fn flattened(mut node: NodeProto, axis: i64, names: &mut onnx::Names) -> Vec<Nod
     node.attribute.retain(|a| a.name() != "axis");
     node.attribute.push(onnx::make_attr_i("axis", 1));
     vec![
-        make("Shape", format!("{label}_shape"), vec![x], shape.clone()),
+        make(
+            "Shape",
+            names.fresh(&format!("{label}_shape_of")),
+            vec![x],
+            shape.clone(),
+        ),
         flatten,
         node,
         make(
             "Reshape",
-            format!("{label}_reshape"),
+            names.fresh(&format!("{label}_reshape")),
             vec![normalised, shape],
             y,
         ),

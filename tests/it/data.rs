@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::{check_qdq, fixture, lapq, py, quantize, tempdir};
+use crate::{check_qdq, fixture, lapq, py, quantize, quantize_reporting, tempdir};
 
 #[test]
 fn npy_gives_the_same_model_as_npz() {
@@ -66,13 +66,9 @@ fn images_npz(dir: &Path, layout: &str) -> PathBuf {
 fn calibrate_from_images(name: &str, layout: &str, fused: &str) {
     let dir = tempdir();
     let model = fixture(name).join("model.onnx");
-    let (out, report) = (dir.path().join("q.onnx"), dir.path().join("r.json"));
-    let report_arg = report.to_str().unwrap();
-    let options = [
-        "--quiet", "--mean", "127", "--std", "128", "--report", report_arg,
-    ];
-    quantize(&model, &out, &fixture("images"), &options);
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let out = dir.path().join("q.onnx");
+    let options = ["--mean", "127", "--std", "128"];
+    let r = quantize_reporting(&model, &out, &fixture("images"), &options);
     assert_eq!(r["calibration_samples"], 6);
     // PIL's resampling differs from the image crate's in the last bits: close, not identical
     let npz = images_npz(dir.path(), layout);

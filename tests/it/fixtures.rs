@@ -1,7 +1,7 @@
 //! Every fixture model quantizes, passes onnx.checker, loads in ONNX Runtime, fuses, and stays close to
 //! ONNX Runtime's float outputs; plans are snapshotted.
 
-use crate::{check_qdq, fixture, lapq, quantize, site_tensors, tempdir};
+use crate::{check_qdq, fixture, lapq, quantize, quantize_reporting, site_tensors, tempdir};
 
 /// Fixtures, and the float op types that must all be fused into integer kernels in ONNX Runtime.
 const FIXTURES: &[(&str, &str)] = &[
@@ -240,15 +240,9 @@ fn a_concat_into_a_graph_output_stays_float_so_its_inputs_keep_their_scales() {
     let path = dir.path().join("concat_output.onnx");
     std::fs::write(&path, ::lapq::onnx::encode_model(&model)).unwrap();
 
-    let (out, report) = (dir.path().join("q.onnx"), dir.path().join("r.json"));
+    let out = dir.path().join("q.onnx");
     let calib = fixture("concat").join("calib.npz");
-    quantize(
-        &path,
-        &out,
-        &calib,
-        &["--quiet", "--report", report.to_str().unwrap()],
-    );
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let r = quantize_reporting(&path, &out, &calib, &[]);
     let concat = r["skipped"]
         .as_array()
         .unwrap()

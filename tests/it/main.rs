@@ -113,6 +113,21 @@ pub fn check_qdq(
     serde_json::from_str(&stdout).expect("check_qdq prints JSON")
 }
 
+/// Runs `lapq quantize --quiet --report` (the report written beside `out`) and returns the report.
+pub fn quantize_reporting(
+    model: &Path,
+    out: &Path,
+    calib: &Path,
+    extra: &[&str],
+) -> serde_json::Value {
+    let report = out.with_extension("report.json");
+    let mut args = vec!["--quiet", "--report", report.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    quantize(model, out, calib, &args);
+    serde_json::from_slice(&std::fs::read(&report).expect("report written"))
+        .expect("report is JSON")
+}
+
 /// The tensors of a report's activation sites.
 pub fn site_tensors(report: &serde_json::Value) -> Vec<&str> {
     report["activations"]

@@ -1,7 +1,7 @@
 //! Transformer graphs: int64 token inputs pass through, attention scores with their mask and
 //! LayerNorm's variance stay float by default (and that is what keeps the model close to float).
 
-use crate::{check_qdq, fixture, py, py_output, quantize, site_tensors, tempdir};
+use crate::{check_qdq, fixture, py, py_output, quantize_reporting, site_tensors, tempdir};
 
 fn report_and_check(extra: &[&str]) -> (serde_json::Value, serde_json::Value) {
     let dir = tempdir();
@@ -9,11 +9,8 @@ fn report_and_check(extra: &[&str]) -> (serde_json::Value, serde_json::Value) {
         fixture("attention").join("model.onnx"),
         fixture("attention").join("calib.npz"),
     );
-    let (out, report) = (dir.path().join("q.onnx"), dir.path().join("r.json"));
-    let mut args = vec!["--quiet", "--report", report.to_str().unwrap()];
-    args.extend_from_slice(extra);
-    quantize(&model, &out, &calib, &args);
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let out = dir.path().join("q.onnx");
+    let r = quantize_reporting(&model, &out, &calib, extra);
     // this test compares the two errors itself
     let checked = check_qdq(&model, &out, &calib, "metrics_only", "MatMul");
     (r, checked)
@@ -94,14 +91,8 @@ fn calibration_sequences_of_different_lengths_work() {
         &[&fixture("attention").join("calib.npz"), &sets],
     );
     let model = fixture("attention").join("model.onnx");
-    let (out, report) = (dir.path().join("q.onnx"), dir.path().join("r.json"));
-    quantize(
-        &model,
-        &out,
-        &sets,
-        &["--quiet", "--report", report.to_str().unwrap()],
-    );
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let out = dir.path().join("q.onnx");
+    let r = quantize_reporting(&model, &out, &sets, &[]);
     assert_eq!(r["calibration_samples"], 7);
     // scored on the fixture's own [16, 12] arrays, whose shape no set has
     check_qdq(
