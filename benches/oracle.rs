@@ -73,10 +73,7 @@ fn main() -> anyhow::Result<()> {
     let c = lapq::calibrate(&job)?;
     let n = c.samples.len() as f64;
 
-    let float = lapq::oracle::FloatModel::load(
-        &lapq::onnx::encode_model(&c.model),
-        &["logits".to_string()],
-    )?;
+    let float = lapq::oracle::FloatModel::load(c.staged.path(), &["logits".to_string()])?;
     let _warm = float.observe(&c.samples[..2], || (), |_, _, _, _| (), &|| ())?;
 
     let t = Instant::now();
@@ -91,13 +88,8 @@ fn main() -> anyhow::Result<()> {
         activations: lapq::oracle_sites(&c)?.activations,
         ..Default::default()
     };
-    let acts_only = lapq::oracle::Oracle::new(
-        &lapq::onnx::encode_model(&c.model),
-        &act_sites,
-        c.samples.clone(),
-        None,
-        batch,
-    )?;
+    let acts_only =
+        lapq::oracle::Oracle::new(c.staged.path(), &act_sites, c.samples.clone(), None, batch)?;
     let act_params = lapq::calib::Params {
         activations: c.params.activations.clone(),
         ..Default::default()

@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use lapq::config::{
@@ -24,6 +24,50 @@ pub enum Command {
     Quantize(Box<QuantizeArgs>),
     /// Print the quantization plan of MODEL: what is quantized, what stays float and why.
     Inspect(InspectArgs),
+    /// Compare a QDQ model with its float original on data: per output cosine, SQNR and, for
+    /// classifiers, top-1 agreement and KL divergence (and accuracy with --labels).
+    Eval(EvalArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// The float ONNX model.
+    pub float: PathBuf,
+    /// The quantized (QDQ) model; INT4 and 16-bit models are evaluated too.
+    pub quant: PathBuf,
+    /// Evaluation data, in any form --calib takes.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Class labels, one integer per line in the data's order: adds top-1 accuracy of both models.
+    #[arg(long, value_name = "FILE")]
+    pub labels: Option<PathBuf>,
+    /// Use at most N samples, drawn at random with --seed.
+    #[arg(long, value_name = "N")]
+    pub max_samples: Option<usize>,
+    /// Seed of the draw.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub image: ImageArgs,
+    /// Print the metrics as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl EvalArgs {
+    pub fn to_job(&self) -> Result<lapq::eval::EvalJob> {
+        Ok(lapq::eval::EvalJob {
+            float: self.float.clone(),
+            quant: self.quant.clone(),
+            data: DataConfig {
+                path: self.data.clone(),
+                max_samples: self.max_samples,
+                seed: self.seed,
+                image: self.image.to_config()?,
+                labels: self.labels.clone(),
+            },
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -337,7 +381,6 @@ fn three(flag: &str, v: &[f32]) -> Result<[f32; 3]> {
 
 /// Writes `text` to `path` atomically.
 pub fn write_text(path: &std::path::Path, text: &str) -> Result<()> {
-    use std::io::Write;
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -347,10 +390,5 @@ pub fn write_text(path: &std::path::Path, text: &str) -> Result<()> {
         "report folder {} does not exist",
         dir.display()
     );
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    tmp.write_all(text.as_bytes())?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    lapq::onnx::write_file(path, text.as_bytes())
 }

@@ -7,6 +7,7 @@ mod biases;
 pub mod calib;
 pub mod config;
 pub mod data;
+pub mod eval;
 pub mod export;
 pub mod ir;
 pub mod joint;
@@ -51,6 +52,8 @@ pub fn quantize(job: &Job) -> Result<Report> {
 /// A calibrated run, before export: everything the later stages (export, oracle, report) need.
 pub struct Calibrated {
     pub model: onnx::ModelProto,
+    /// `model` as a file with external data, which the oracle loads.
+    pub staged: onnx::StagedModel,
     /// Whether the input model stored tensors externally (the output does too).
     pub external_data: bool,
     pub plan: QuantPlan,
@@ -75,11 +78,12 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
     timings.lap("read");
     let plan = plan_model(&mut model, &job.model, &job.quant)?;
     let index = GraphIndex::new(&model)?;
+    let staged = onnx::StagedModel::new(&model)?;
     timings.lap("plan");
     let data::Dataset { samples, labels } = data::load(&job.data, index.inputs())?;
     timings.lap("data");
     let Observations { stats, bias_means } =
-        observe(&model, &index, &plan, &samples, &job.quant, job.progress)?;
+        observe(&staged, &index, &plan, &samples, &job.quant, job.progress)?;
     timings.lap("statistics");
     let biases = Biases::new(&index, &plan, &bias_means)?;
     let params = calibrate_params(&index, &plan, &stats, &biases, &job.quant)?;
@@ -87,6 +91,7 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
     drop(index);
     let mut c = Calibrated {
         model,
+        staged,
         external_data,
         plan,
         params,
@@ -111,7 +116,7 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
 pub fn oracle(c: &Calibrated, n: usize, batch: usize) -> Result<oracle::Oracle> {
     let n = n.min(c.samples.len());
     oracle::Oracle::new(
-        &onnx::encode_model(&c.model),
+        c.staged.path(),
         &oracle_sites(c)?,
         c.samples[..n].to_vec(),
         c.labels.as_ref().map(|l| l[..n].to_vec()),
@@ -201,7 +206,7 @@ fn check_output_path(model: &Path, output: &Path) -> Result<()> {
 /// indexed like `plan.activations` (`None` where the range is fixed or shared), and, with bias
 /// correction, the window means of every correctable layer's input, indexed like `plan.biases`.
 fn observe(
-    model: &onnx::ModelProto,
+    model: &onnx::StagedModel,
     index: &GraphIndex,
     plan: &QuantPlan,
     samples: &[data::Sample],
@@ -236,7 +241,7 @@ fn observe(
             windows.push((b, tap(&index.node(site.node).input[0]), window, kernel));
         }
     }
-    let float = oracle::FloatModel::load(&onnx::encode_model(model), &taps)?;
+    let float = oracle::FloatModel::load(model.path(), &taps)?;
     let bar = progress_bar(samples.len() as u64, "statistics", progress);
     // Per worker: range statistics per range tap, window means per corrected layer (`None` once a
     // tensor did not fit its layer's geometry).

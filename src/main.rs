@@ -43,6 +43,14 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("{}", report.summary());
             }
         }
+        Command::Eval(args) => {
+            let evaluation = lapq::eval::evaluate(&args.to_job()?)?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&evaluation)?);
+            } else {
+                print!("{}", evaluation.summary());
+            }
+        }
         Command::Inspect(args) => {
             let plan = lapq::inspect(&args.model, &args.plan.to_config())?;
             if args.json {

@@ -2,7 +2,7 @@
 //! says, weights stored quantized behind a lone DequantizeLinear, int32 biases, the opset raised when
 //! needed, and names as ONNX Runtime's quantizer writes them. Never reads tract's graph.
 
-mod opset;
+pub(crate) mod opset;
 
 use std::collections::{HashMap, HashSet};
 

@@ -151,6 +151,73 @@ pub fn tensor_i64(t: &TensorProto) -> Result<Vec<i64>> {
     checked_count(t, values)
 }
 
+/// The tensor's values as `i64`, from any integer element type (INT4 to INT64, signed or not; 4-bit
+/// codes are unpacked, the first in the low nibble).
+pub fn tensor_ints(t: &TensorProto) -> Result<Vec<i64>> {
+    let typed32 = |f: fn(i32) -> i64| decode_with(t, &t.int32_data, f);
+    let values = match DataType::try_from(t.data_type()) {
+        Ok(DataType::Int64) | Ok(DataType::Int32) => return tensor_i64(t),
+        Ok(DataType::Int8) => typed32(|x| x as i8 as i64)?,
+        Ok(DataType::Uint8) => typed32(|x| x as u8 as i64)?,
+        Ok(DataType::Int16) => decode(
+            t,
+            &t.int32_data,
+            |b| i16::from_le_bytes(b) as i64,
+            |&x| x as i16 as i64,
+        )?,
+        Ok(DataType::Uint16) => decode(
+            t,
+            &t.int32_data,
+            |b| u16::from_le_bytes(b) as i64,
+            |&x| x as u16 as i64,
+        )?,
+        Ok(DataType::Uint32) => decode(
+            t,
+            &t.uint64_data,
+            |b| u32::from_le_bytes(b) as i64,
+            |&x| x as u32 as i64,
+        )?,
+        Ok(dt @ (DataType::Int4 | DataType::Uint4)) => {
+            let n = tensor_num_elements(t)?;
+            let bytes: Vec<u8> = match &t.raw_data {
+                Some(raw) if !raw.is_empty() || t.int32_data.is_empty() => raw.clone(),
+                _ => t.int32_data.iter().map(|&x| x as u8).collect(),
+            };
+            ensure!(
+                bytes.len() == n.div_ceil(2),
+                "tensor '{}' holds {} bytes but its dims {:?} need {} packed 4-bit values",
+                t.name(),
+                bytes.len(),
+                t.dims,
+                n
+            );
+            let nibble = |k: usize| (bytes[k / 2] >> (4 * (k % 2))) & 0x0f;
+            (0..n)
+                .map(|k| match dt {
+                    DataType::Int4 => ((nibble(k) << 4) as i8 >> 4) as i64,
+                    _ => nibble(k) as i64,
+                })
+                .collect()
+        }
+        _ => bail!(
+            "tensor '{}' has element type {}, expected an integer type",
+            t.name(),
+            elem_type_name(t.data_type())
+        ),
+    };
+    checked_count(t, values)
+}
+
+/// One-byte integers: `raw_data` bytes when present, else the typed `int32_data` field.
+fn decode_with(t: &TensorProto, typed: &[i32], f: fn(i32) -> i64) -> Result<Vec<i64>> {
+    Ok(match &t.raw_data {
+        Some(raw) if !raw.is_empty() || typed.is_empty() => {
+            raw.iter().map(|&b| f(b as i32)).collect()
+        }
+        _ => typed.iter().map(|&x| f(x)).collect(),
+    })
+}
+
 /// Values from `raw_data` (little-endian, `N` bytes each) when present, else from the typed field.
 fn decode<const N: usize, S, T>(
     t: &TensorProto,
@@ -223,6 +290,33 @@ mod tests {
         t.dims = vec![3];
         let err = tensor_f32(&t).unwrap_err().to_string();
         assert!(err.contains("'w'") && err.contains("need 3"), "{err}");
+    }
+
+    #[test]
+    fn integer_tensors_of_every_width_decode() {
+        let t = make_tensor("q", &[3], TensorData::I8(vec![-128, 0, 127]));
+        assert_eq!(tensor_ints(&t).unwrap(), vec![-128, 0, 127]);
+        let t = make_tensor("q", &[2], TensorData::U8(vec![0, 255]));
+        assert_eq!(tensor_ints(&t).unwrap(), vec![0, 255]);
+        let t = make_tensor("q", &[2], TensorData::I16(vec![-32768, 32767]));
+        assert_eq!(tensor_ints(&t).unwrap(), vec![-32768, 32767]);
+        let t = make_tensor("q", &[2], TensorData::U16(vec![0, 65535]));
+        assert_eq!(tensor_ints(&t).unwrap(), vec![0, 65535]);
+        let t = make_tensor("q", &[3], TensorData::I4(vec![-8, 7, -1]));
+        assert_eq!(tensor_ints(&t).unwrap(), vec![-8, 7, -1]);
+        let t = make_tensor("q", &[3], TensorData::U4(vec![0, 15, 9]));
+        assert_eq!(tensor_ints(&t).unwrap(), vec![0, 15, 9]);
+        let typed = TensorProto {
+            name: Some("q".into()),
+            dims: vec![2],
+            data_type: Some(DataType::Int8 as i32),
+            int32_data: vec![-3, 4],
+            ..Default::default()
+        };
+        assert_eq!(tensor_ints(&typed).unwrap(), vec![-3, 4]);
+        let mut short = make_tensor("q", &[3], TensorData::U4(vec![1, 2, 3]));
+        short.dims = vec![5];
+        assert!(tensor_ints(&short).unwrap_err().to_string().contains("'q'"));
     }
 
     #[test]

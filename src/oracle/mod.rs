@@ -25,29 +25,17 @@ pub struct FloatModel {
 }
 
 impl FloatModel {
-    /// Loads ONNX `model_bytes` and exposes `taps` (ONNX tensor names) before tract optimizes any wire
-    /// away. Stale or symbolic `value_info` and output shapes are ignored.
-    pub fn load(model_bytes: &[u8], taps: &[String]) -> Result<FloatModel> {
-        let mut model = load_onnx(model_bytes)?;
-        let inputs = model.input_outlets()?.to_vec();
-        let mut outlets = vec![];
-        let mut tap_ix = vec![];
-        for name in taps {
-            let outlet = find_outlet(&model, name)?;
-            match inputs.iter().position(|&i| i == outlet) {
-                Some(k) => tap_ix.push(Err(k)),
-                None => {
-                    tap_ix.push(Ok(outlets.len()));
-                    outlets.push(outlet);
-                }
-            }
-        }
-        model.select_output_outlets(&outlets)?;
-        for k in 0..outlets.len() {
-            model.set_output_fact(k, InferenceFact::default())?;
-        }
+    /// Loads the ONNX model at `path` (external data beside it) and exposes `taps` (ONNX tensor names)
+    /// before tract optimizes any wire away. Stale or symbolic `value_info` and output shapes are ignored.
+    ///
+    /// The model is loaded again from `path` for each new input shape, so that tract holds one copy of
+    /// the weights (its optimized plan's), not a second one in a template.
+    pub fn load(path: &std::path::Path, taps: &[String]) -> Result<FloatModel> {
+        let (model, tap_ix) = tapped(path, taps)?;
+        let (path, taps) = (path.to_path_buf(), taps.to_vec());
+        let reload = move || tapped(&path, &taps).map(|(m, _)| m);
         Ok(FloatModel {
-            plans: Plans::new(model, Default::default()),
+            plans: Plans::reloading(model, Box::new(reload)),
             taps: tap_ix,
         })
     }
@@ -132,6 +120,16 @@ impl FloatModel {
     }
 }
 
+/// The outputs of the ONNX model at `path` for every sample, in order (one sample per run, on all
+/// cores).
+pub fn outputs(path: &std::path::Path, samples: &[Sample]) -> Result<Vec<SampleOutputs>> {
+    let sites = Sites::default();
+    let model = QuantModel::load(path, &sites)?;
+    model.set_quantized(false);
+    model.set_params(&empty_params(&sites))?;
+    model.run(samples, 1)
+}
+
 /// The concrete shape and element type of each input of a sample.
 fn input_facts(sample: &Sample) -> Vec<(Vec<usize>, DatumType)> {
     sample
@@ -147,12 +145,39 @@ fn input_facts(sample: &Sample) -> Vec<(Vec<usize>, DatumType)> {
         .collect()
 }
 
-/// Parses ONNX bytes with tract, ignoring stale or symbolic `value_info` and output shapes.
-fn load_onnx(model_bytes: &[u8]) -> Result<InferenceModel> {
+/// The model at `path` with `taps` as its outputs, and where each tap is: `Ok(output index)`, or
+/// `Err(input index)` for a model input.
+fn tapped(
+    path: &std::path::Path,
+    taps: &[String],
+) -> Result<(InferenceModel, Vec<std::result::Result<usize, usize>>)> {
+    let mut model = load_onnx(path)?;
+    let inputs = model.input_outlets()?.to_vec();
+    let mut outlets = vec![];
+    let mut tap_ix = vec![];
+    for name in taps {
+        let outlet = find_outlet(&model, name)?;
+        match inputs.iter().position(|&i| i == outlet) {
+            Some(k) => tap_ix.push(Err(k)),
+            None => {
+                tap_ix.push(Ok(outlets.len()));
+                outlets.push(outlet);
+            }
+        }
+    }
+    model.select_output_outlets(&outlets)?;
+    for k in 0..outlets.len() {
+        model.set_output_fact(k, InferenceFact::default())?;
+    }
+    Ok((model, tap_ix))
+}
+
+/// Parses the ONNX file at `path` with tract, ignoring stale or symbolic `value_info` and output shapes.
+fn load_onnx(path: &std::path::Path) -> Result<InferenceModel> {
     tract_onnx::onnx()
         .with_ignore_output_shapes(true)
         .with_ignore_value_info(true)
-        .model_for_read(&mut &model_bytes[..])
+        .model_for_path(path)
         .map_err(|e| anyhow!("tract cannot load the model: {e:#}"))
 }
 
@@ -172,9 +197,21 @@ fn find_outlet(model: &InferenceModel, name: &str) -> Result<OutletId> {
 /// A model prepared once, and its optimized plans by concrete input shapes (a symbolic batch or size
 /// gets one plan per shape seen).
 struct Plans {
-    template: InferenceModel,
+    template: Template,
     builds: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     cache: Mutex<HashMap<Vec<Vec<usize>>, Plan>>,
+}
+
+/// Where each new plan starts from.
+enum Template {
+    /// A model kept in memory (derived models, heads and tails, are cut from it).
+    Kept(InferenceModel),
+    /// A model loaded again for each new plan (the first from `spare`): tract then holds the weights
+    /// once per plan instead of once more in a template.
+    Reloaded {
+        spare: Mutex<Option<InferenceModel>>,
+        load: Box<dyn Fn() -> Result<InferenceModel> + Send + Sync>,
+    },
 }
 
 impl Plans {
@@ -183,9 +220,31 @@ impl Plans {
         builds: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     ) -> Plans {
         Plans {
-            template,
+            template: Template::Kept(template),
             builds,
             cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn reloading(
+        first: InferenceModel,
+        load: Box<dyn Fn() -> Result<InferenceModel> + Send + Sync>,
+    ) -> Plans {
+        Plans {
+            template: Template::Reloaded {
+                spare: Mutex::new(Some(first)),
+                load,
+            },
+            builds: Default::default(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The template kept in memory.
+    fn kept(&self) -> Result<&InferenceModel> {
+        match &self.template {
+            Template::Kept(m) => Ok(m),
+            Template::Reloaded { .. } => Err(anyhow!("internal: the model is not kept in memory")),
         }
     }
 
@@ -198,7 +257,19 @@ impl Plans {
         if let Some(p) = cache.get(&key) {
             return Ok(p.clone());
         }
-        let mut model = self.template.clone();
+        let mut model = match &self.template {
+            Template::Kept(m) => m.clone(),
+            Template::Reloaded { spare, load } => {
+                let first = spare
+                    .lock()
+                    .map_err(|_| anyhow!("a worker panicked"))?
+                    .take();
+                match first {
+                    Some(m) => m,
+                    None => load()?,
+                }
+            }
+        };
         for (k, (dims, dt)) in inputs.iter().enumerate() {
             model.set_input_fact(k, InferenceFact::dt_shape(*dt, dims))?;
         }
@@ -235,7 +306,7 @@ impl Oracle {
     /// The loss is cross-entropy when `labels` are given (one per sample), KL divergence of the softmax
     /// for a single `[N, K]` output, and MSE of all outputs otherwise.
     pub fn new(
-        model_bytes: &[u8],
+        path: &std::path::Path,
         sites: &Sites,
         samples: Vec<Sample>,
         labels: Option<Vec<usize>>,
@@ -249,7 +320,7 @@ impl Oracle {
                 samples.len()
             );
         }
-        let model = QuantModel::load(model_bytes, sites)?;
+        let model = QuantModel::load(path, sites)?;
         model.set_quantized(false);
         model.set_params(&empty_params(sites))?;
         let reference = model.run(&samples, batch)?;

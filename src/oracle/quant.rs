@@ -512,9 +512,9 @@ struct TailModels {
 }
 
 impl QuantModel {
-    /// Loads the float ONNX model and inserts fake quantization at every site.
-    pub fn load(model_bytes: &[u8], sites: &Sites) -> Result<QuantModel> {
-        let mut model = load_onnx(model_bytes)?;
+    /// Loads the float ONNX model at `path` and inserts fake quantization at every site.
+    pub fn load(path: &std::path::Path, sites: &Sites) -> Result<QuantModel> {
+        let mut model = load_onnx(path)?;
         let table = Arc::new(Table {
             enabled: AtomicBool::new(true),
             activations: sites.activations.len(),
@@ -719,7 +719,7 @@ impl QuantModel {
         if let Some(t) = tails.get(&slot) {
             return Ok(t.clone());
         }
-        let template = &self.plans.template;
+        let template = self.plans.kept()?;
         let focus = *self.fq_nodes.get(slot).context("no such site")?;
         let order = template.eval_order()?;
         let sources: Vec<usize> = template.input_outlets()?.iter().map(|o| o.node).collect();

@@ -154,9 +154,7 @@ fn effnet_oracle_matches_onnx_runtime_unfused() {
             .flat_map(|s| s[0].1.clone())
             .collect();
         let unfused = &crate::oracle::ort_outputs(&out, &subset, "disabled")[0];
-        let file =
-            lapq::oracle::FloatModel::load(&std::fs::read(&out).unwrap(), &["logits".to_string()])
-                .unwrap();
+        let file = lapq::oracle::FloatModel::load(&out, &["logits".to_string()]).unwrap();
         let mut tract_file = vec![];
         for s in &c.samples {
             let r = file

@@ -3,6 +3,7 @@
 mod cli_errors;
 mod data;
 mod effnet;
+mod eval;
 mod fixtures;
 mod lapq;
 mod onnx_io;

@@ -41,3 +41,30 @@ fn external_data_is_loaded_relative_to_the_model() {
     };
     assert_eq!(weights(&ext), weights(&inline));
 }
+
+/// The model, its data file and the report get the permissions any new file gets here (0666 less the
+/// umask), not a temporary file's private 0600: a pipeline's next step may run as another user.
+#[cfg(unix)]
+#[test]
+fn outputs_get_a_new_files_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::tempdir();
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, b"").unwrap();
+    let expected = std::fs::metadata(&plain).unwrap().permissions().mode() & 0o777;
+    let out = dir.path().join("q.onnx");
+    crate::quantize_reporting(
+        &fixture("external_data").join("model.onnx"),
+        &out,
+        &fixture("external_data").join("calib.npz"),
+        &[],
+    );
+    for f in ["q.onnx", "q.onnx.data", "q.report.json"] {
+        let mode = std::fs::metadata(dir.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, expected, "{f}: {mode:o} instead of {expected:o}");
+    }
+}

@@ -286,8 +286,7 @@ fn sequential_calibration_in_parts_matches_one_batch() {
         let n = c.samples.len() / 2 * 2;
         assert!(n >= 4, "{name}: too few samples to split");
         let sites = lapq::oracle_sites(&c).unwrap();
-        let model =
-            lapq::oracle::QuantModel::load(&lapq::onnx::encode_model(&c.model), &sites).unwrap();
+        let model = lapq::oracle::QuantModel::load(c.staged.path(), &sites).unwrap();
         let run = |parts: usize| {
             type Seen = BTreeMap<usize, Vec<(Vec<u32>, Vec<usize>)>>;
             let seen: Arc<Mutex<Seen>> = Arc::default();
