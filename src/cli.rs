@@ -118,6 +118,23 @@ pub struct QuantizeArgs {
     /// loss becomes cross-entropy against them (default: divergence from the float model).
     #[arg(long, value_name = "FILE")]
     pub labels: Option<std::path::PathBuf>,
+    /// Measure each quantized node's cost: the loss with only that node quantized, with the SQNR and
+    /// range use of its tensors (in the report, costliest first; the ten costliest in the summary).
+    #[arg(long)]
+    pub sensitivity: bool,
+    /// After calibration, keep the costliest nodes float until the loss on the calibration samples
+    /// (the first --lapq-samples) is at most X; the model is then calibrated again without them.
+    #[arg(
+        long,
+        value_name = "X",
+        conflicts_with = "min_agreement",
+        allow_negative_numbers = true
+    )]
+    pub max_loss: Option<f64>,
+    /// Like --max-loss, until the top-1 agreement with the float model is at least Y (a fraction,
+    /// e.g. 0.9); classifiers only.
+    #[arg(long, value_name = "Y", allow_negative_numbers = true)]
+    pub min_agreement: Option<f64>,
     #[command(flatten)]
     pub plan: PlanArgs,
     /// Use at most N calibration samples, drawn at random with --seed.
@@ -304,6 +321,23 @@ impl QuantizeArgs {
             "--weight-method entropy: entropy is an activation method (it needs a histogram of many \
              values per range); use minmax, percentile or mse for weights"
         );
+        let target = match (self.max_loss, self.min_agreement) {
+            (Some(x), _) => {
+                ensure!(
+                    x.is_finite() && x >= 0.0,
+                    "--max-loss {x} must be a loss, 0 or more"
+                );
+                Some(lapq::config::Target::MaxLoss(x))
+            }
+            (None, Some(y)) => {
+                ensure!(
+                    y > 0.0 && y <= 1.0,
+                    "--min-agreement {y} must be a fraction in (0, 1], e.g. 0.9"
+                );
+                Some(lapq::config::Target::MinAgreement(y))
+            }
+            (None, None) => None,
+        };
         Ok(Job {
             model: self.model.clone(),
             output: self.output.clone(),
@@ -317,6 +351,8 @@ impl QuantizeArgs {
                 lapq_samples: self.lapq_samples,
                 lapq_8bit: self.lapq_8bit,
                 bias_correction: !self.no_bias_correction,
+                sensitivity: self.sensitivity,
+                target,
                 ..self.plan.to_config()
             },
             data: DataConfig {

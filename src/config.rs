@@ -89,6 +89,34 @@ pub struct QuantConfig {
     /// MatMul or element-wise arithmetic computes them: attention scores with their additive mask,
     /// LayerNorm's variance).
     pub quantize_fragile: bool,
+    /// Nodes (by label, see `onnx::node_label`) the accuracy fallback keeps in float.
+    pub keep_float: Vec<String>,
+    /// Tensors whose sites the accuracy fallback raises to 8 bits (in a run below 8 bits).
+    pub eight_bit: Vec<String>,
+    /// Measure each quantized node's sensitivity (the loss with only its sites quantized).
+    pub sensitivity: bool,
+    /// Keep the costliest nodes float until this holds on the calibration data (implies sensitivity).
+    pub target: Option<Target>,
+}
+
+/// What the accuracy fallback aims for, on the oracle's calibration samples.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// The oracle's loss (KL divergence from the float model, cross-entropy with labels, MSE) at most this.
+    MaxLoss(f64),
+    /// Top-1 agreement with the float model (a fraction) at least this; classifiers only.
+    MinAgreement(f64),
+}
+
+impl Target {
+    /// Whether `score` meets the target.
+    pub fn holds(&self, loss: f64, agreement: Option<f64>) -> bool {
+        match *self {
+            Target::MaxLoss(x) => loss <= x,
+            Target::MinAgreement(y) => agreement.is_some_and(|a| a >= y),
+        }
+    }
 }
 
 impl QuantConfig {
@@ -140,6 +168,10 @@ impl Default for QuantConfig {
             float_first_layer: false,
             float_last_layer: false,
             quantize_fragile: false,
+            keep_float: vec![],
+            eight_bit: vec![],
+            sensitivity: false,
+            target: None,
         }
     }
 }

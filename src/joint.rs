@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{Context, Result, anyhow};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::Serialize;
 
 use crate::Calibrated;
@@ -89,8 +89,10 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
     lap("oracle", &mut seconds);
 
     let coords = coordinates(&c.plan, config);
-    let bar = bar(
-        P_POINTS + 2 + coords.len() * 12 * config.max_iters,
+    let bar = crate::progress_bar(
+        (P_POINTS + 2 + coords.len() * 12 * config.max_iters) as u64,
+        "lapq",
+        "evaluations",
         progress,
     );
     let mut evals = 0;
@@ -419,21 +421,6 @@ impl Objective for LossFn<'_> {
         self.tail = Some((i, x.to_vec(), self.oracle.focus(slot, &params)?));
         Ok(())
     }
-}
-
-fn bar(len: usize, enabled: bool) -> ProgressBar {
-    let target = if enabled {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    };
-    let bar = ProgressBar::with_draw_target(Some(len as u64), target);
-    if let Ok(style) =
-        ProgressStyle::with_template("lapq [{bar:30}] {pos}/{len} evaluations, ETA {eta}  {msg}")
-    {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar
 }
 
 #[cfg(test)]

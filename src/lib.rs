@@ -14,6 +14,7 @@ pub mod joint;
 pub mod onnx;
 pub mod oracle;
 pub mod prepare;
+pub mod protect;
 pub mod report;
 
 use std::path::Path;
@@ -30,7 +31,7 @@ use report::{Report, Timings};
 
 /// Quantizes `job.model` with calibration data `job.data` and writes the QDQ model to `job.output`.
 pub fn quantize(job: &Job) -> Result<Report> {
-    let mut c = calibrate(job)?;
+    let (mut c, sensitivity, fallback) = calibrate_protected(job)?;
     let index = GraphIndex::new(&c.model)?;
     let qdq = export::qdq_model(&index, &c.plan, &c.params, job.quant.container)?;
     onnx::write_model(&qdq.model, &job.output, c.external_data)?;
@@ -44,6 +45,8 @@ pub fn quantize(job: &Job) -> Result<Report> {
         c.timings,
     );
     report.lapq = c.lapq;
+    report.sensitivity = sensitivity;
+    report.fallback = fallback;
     report.warnings = qdq.warnings;
     report.biases_corrected = c.biases.corrected();
     Ok(report)
@@ -109,6 +112,44 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         c.timings.lap("lapq");
     }
     Ok(c)
+}
+
+/// `calibrate`, then, when the job asks, each quantized node's sensitivity and the accuracy fallback:
+/// the nodes it keeps float are excluded and the run is calibrated again (LAPQ included), and the
+/// result is scored by a fresh oracle.
+fn calibrate_protected(
+    job: &Job,
+) -> Result<(
+    Calibrated,
+    Option<Vec<protect::SiteSensitivity>>,
+    Option<protect::FallbackReport>,
+)> {
+    let c = calibrate(job)?;
+    let q = &job.quant;
+    if !q.sensitivity && q.target.is_none() {
+        return Ok((c, None, None));
+    }
+    let n = q.lapq_samples.clamp(1, c.samples.len().max(1));
+    let first = oracle(&c, n, 1)?;
+    let sensitivity = protect::sensitivity(&c, &first, job.progress)?;
+    let Some(target) = q.target else {
+        return Ok((c, Some(sensitivity), None));
+    };
+    let (chosen, mut report) = protect::fallback(&c, &first, q, target, job.progress)?;
+    drop(first);
+    let mut c = c;
+    if !report.kept.is_empty() {
+        let mut again = job.clone();
+        again.quant.keep_float.extend(chosen.keep_float);
+        again.quant.eight_bit.extend(chosen.eight_bit);
+        let timings = c.timings;
+        c = calibrate(&again)?;
+        c.timings = timings;
+    }
+    report.exported = Some(oracle(&c, n, 1)?.score(&c.params)?);
+    c.timings
+        .lap("protect (sensitivity, fallback, calibration again)");
+    Ok((c, Some(sensitivity), Some(report)))
 }
 
 /// Builds the loss oracle of a calibrated run over its first `n` samples (batches of `batch`
@@ -242,7 +283,7 @@ fn observe(
         }
     }
     let float = oracle::FloatModel::load(model.path(), &taps)?;
-    let bar = progress_bar(samples.len() as u64, "statistics", progress);
+    let bar = progress_bar(samples.len() as u64, "statistics", "samples", progress);
     // Per worker: range statistics per range tap, window means per corrected layer (`None` once a
     // tensor did not fit its layer's geometry).
     let per_worker = float.observe(
@@ -375,19 +416,20 @@ fn calibrate_params(
     biases.params(plan, activations, weights)
 }
 
-/// A progress bar with ETA on stderr; drawn only on a terminal and when `enabled`.
-fn progress_bar(len: u64, what: &str, enabled: bool) -> ProgressBar {
+/// A progress bar with ETA on stderr, counting `unit`s of `what`; drawn only on a terminal and when
+/// `enabled`. Its message (set by the caller) follows the ETA.
+pub(crate) fn progress_bar(len: u64, what: &str, unit: &str, enabled: bool) -> ProgressBar {
     let target = if enabled {
         ProgressDrawTarget::stderr()
     } else {
         ProgressDrawTarget::hidden()
     };
     let bar = ProgressBar::with_draw_target(Some(len), target);
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg:>12} [{bar:30}] {pos}/{len} samples, ETA {eta}")
-    {
+    let template =
+        format!("{{prefix:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit}, ETA {{eta}}  {{msg}}");
+    if let Ok(style) = ProgressStyle::with_template(&template) {
         bar.set_style(style.progress_chars("=> "));
     }
-    bar.set_message(what.to_string());
+    bar.set_prefix(what.to_string());
     bar
 }

@@ -97,6 +97,10 @@ pub struct Report {
     pub warnings: Vec<String>,
     /// What LAPQ did (the p grid and its losses, p*, Powell's sweeps, evaluations, time per stage).
     pub lapq: Option<crate::joint::LapqReport>,
+    /// Each site's cost alone, costliest first (with --sensitivity or a target).
+    pub sensitivity: Option<Vec<crate::protect::SiteSensitivity>>,
+    /// What the accuracy fallback kept float (with --max-loss or --min-agreement).
+    pub fallback: Option<crate::protect::FallbackReport>,
     pub timings: Timings,
 }
 
@@ -169,6 +173,8 @@ impl Report {
             biases_corrected: 0,
             warnings: vec![],
             lapq: None,
+            sensitivity: None,
+            fallback: None,
             timings,
         }
     }
@@ -197,6 +203,62 @@ impl Report {
                 "\n  float: {} ({}): {}",
                 n.node, n.op_type, n.reason
             ));
+        }
+        if let Some(sens) = &self.sensitivity {
+            s.push_str(
+                "\n  costliest sites (loss with only that site quantized; SQNR; range used):",
+            );
+            for n in sens.iter().take(10) {
+                let agreement = n.agreement.map_or(String::new(), |a| {
+                    format!(", top-1 agreement {:.1}%", 100.0 * a)
+                });
+                let sqnr = n.sqnr_db.map_or("-".into(), |d| format!("{d:.1} dB"));
+                let used = n
+                    .range_use
+                    .map_or("-".into(), |u| format!("{:.0}%", 100.0 * u));
+                s.push_str(&format!(
+                    "\n    {:+.5} {} {} ({} bits){agreement}; {sqnr}; {used}",
+                    n.loss_delta, n.kind, n.tensor, n.bits
+                ));
+            }
+        }
+        if let Some(f) = &self.fallback {
+            let score = |sc: &crate::oracle::Score| {
+                sc.agreement.map_or(format!("loss {:.5}", sc.loss), |a| {
+                    format!("loss {:.5}, top-1 agreement {:.1}%", sc.loss, 100.0 * a)
+                })
+            };
+            s.push_str(&format!(
+                "\n  accuracy target {}: {} on the calibration samples before; {} {}{}",
+                match f.target {
+                    crate::config::Target::MaxLoss(x) => format!("loss <= {x}"),
+                    crate::config::Target::MinAgreement(y) =>
+                        format!("agreement >= {:.1}%", 100.0 * y),
+                },
+                score(&f.before),
+                f.kept.len(),
+                if f.mode == "float" {
+                    "nodes kept float"
+                } else {
+                    "sites raised to 8 bits"
+                },
+                if f.reached {
+                    ""
+                } else {
+                    " and did NOT reach it"
+                }
+            ));
+            for k in &f.kept {
+                s.push_str(&format!(
+                    "\n    {} ({}): {}",
+                    k.name,
+                    k.kind,
+                    score(&k.score)
+                ));
+            }
+            if let Some(e) = &f.exported {
+                s.push_str(&format!("\n  exported model: {}", score(e)));
+            }
         }
         s
     }

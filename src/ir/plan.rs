@@ -95,6 +95,8 @@ pub enum SkipReason {
     /// A Concat writing a graph output: its inputs keep their own scales, which one output scale
     /// would flatten (box coordinates in pixels beside class scores in [0, 1]).
     ConcatIntoOutput,
+    /// Kept float by the accuracy fallback: quantizing it cost the most of the target.
+    KeptForAccuracy,
 }
 
 /// A tensor kept float by default because 8 bits over its range lose what its consumer needs.
@@ -137,6 +139,7 @@ impl SkipReason {
             SkipReason::FloatConstant => "float_constant",
             SkipReason::Fragile(_) => "fragile",
             SkipReason::ConcatIntoOutput => "concat_into_output",
+            SkipReason::KeptForAccuracy => "kept_for_accuracy",
         }
     }
 }
@@ -183,6 +186,10 @@ impl fmt::Display for SkipReason {
             SkipReason::ConcatIntoOutput => write!(
                 f,
                 "joins tensors into a graph output: each input keeps its own scale"
+            ),
+            SkipReason::KeptForAccuracy => write!(
+                f,
+                "kept float by the accuracy target (--max-loss / --min-agreement): among the costliest to quantize"
             ),
         }
     }
@@ -312,6 +319,8 @@ pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
         let node = index.node(i);
         let excluded = if config.exclude_nodes.iter().any(|n| n == node.name()) {
             Some(SkipReason::ExcludedByName)
+        } else if config.keep_float.contains(&onnx::node_label(node)) {
+            Some(SkipReason::KeptForAccuracy)
         } else if config.exclude_op_types.iter().any(|t| t == node.op_type()) {
             Some(SkipReason::ExcludedByOpType)
         } else if config.float_first_layer && layers.first() == Some(&i) {
@@ -327,6 +336,7 @@ pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
         });
     }
     let mut plan = planner.plan;
+    raise_to_eight_bits(&mut plan, config);
     for (i, node) in graph.node.iter().enumerate() {
         let mut decision = decisions[i]
             .take()
@@ -348,6 +358,28 @@ pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
         });
     }
     Ok(plan)
+}
+
+/// Puts the sites of `config.eight_bit`, and the sites sharing their parameters, on 8-bit grids.
+fn raise_to_eight_bits(plan: &mut QuantPlan, config: &QuantConfig) {
+    let raised = |t: &str| config.eight_bit.iter().any(|e| e == t);
+    for i in 0..plan.activations.len() {
+        let shares = match plan.activations[i].range {
+            RangeSource::SameAs(j) => plan.activations[j].grid.bits >= 8 && j < i,
+            _ => false,
+        };
+        let site = &mut plan.activations[i];
+        if (raised(&site.tensor) || shares) && site.grid.bits < 8 {
+            site.grid.bits = 8;
+        }
+    }
+    let bits = config
+        .weight_grid()
+        .bits
+        .max(if config.reduce_range { 7 } else { 8 });
+    for site in plan.weights.iter_mut().filter(|s| raised(&s.tensor)) {
+        site.grid.bits = site.grid.bits.max(bits);
+    }
 }
 
 struct Planner<'a, 'm> {

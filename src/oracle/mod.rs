@@ -287,6 +287,14 @@ impl Plans {
     }
 }
 
+/// How close the quantized network is to the float one on the oracle's samples.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+pub struct Score {
+    pub loss: f64,
+    /// Top-1 agreement of the first output (classifiers only).
+    pub agreement: Option<f64>,
+}
+
 /// The loss oracle: the quantized network over a fixed calibration subset, compared with the float
 /// network's outputs (computed once).
 pub struct Oracle {
@@ -388,6 +396,20 @@ impl Oracle {
     pub fn outputs(&self, params: &crate::calib::Params) -> Result<Vec<SampleOutputs>> {
         self.model.set_params(params)?;
         self.model.run(self.active_samples(), self.batch)
+    }
+
+    /// The loss and, for a classifier, the top-1 agreement with the float network, with `params`.
+    pub fn score(&self, params: &crate::calib::Params) -> Result<Score> {
+        let outputs = self.outputs(params)?;
+        let n = outputs.len();
+        let agreement = crate::eval::compare(&["output".into()], &self.reference[..n], &outputs)?
+            .first()
+            .and_then(|m| m.classifier.as_ref())
+            .map(|c| c.top1_agreement);
+        Ok(Score {
+            loss: self.loss_of(&outputs),
+            agreement,
+        })
     }
 
     /// The mean loss over the samples with `params`.

@@ -48,6 +48,8 @@ pub struct Sites {
 /// The parameter table read by every fake-quantization op.
 struct Table {
     enabled: AtomicBool,
+    /// Slots that pass their input through (all quantize when empty).
+    float: RwLock<Vec<bool>>,
     activations: usize,
     weights: usize,
     /// Gemm's beta per bias site.
@@ -69,6 +71,14 @@ impl Table {
         self.params
             .write()
             .map_err(|_| anyhow!("parameter table poisoned"))
+    }
+
+    fn is_float(&self, slot: usize) -> Result<bool> {
+        let float = self
+            .float
+            .read()
+            .map_err(|_| anyhow!("float mask poisoned"))?;
+        Ok(float.get(slot).copied().unwrap_or(false))
     }
 
     fn set_observer(&self, observer: Option<Arc<Observer>>) -> Result<()> {
@@ -321,7 +331,7 @@ impl EvalOp for FakeQuant {
     not_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        if !self.table.enabled.load(Ordering::Relaxed) {
+        if !self.table.enabled.load(Ordering::Relaxed) || self.table.is_float(self.slot)? {
             return Ok(inputs);
         }
         let Some(input) = inputs.into_iter().next() else {
@@ -517,6 +527,7 @@ impl QuantModel {
         let mut model = load_onnx(path)?;
         let table = Arc::new(Table {
             enabled: AtomicBool::new(true),
+            float: RwLock::new(vec![]),
             activations: sites.activations.len(),
             weights: sites.weights.len(),
             betas: sites.biases.iter().map(|b| b.beta).collect(),
@@ -667,6 +678,23 @@ impl QuantModel {
             .read()?
             .clone()
             .context("quantization parameters were never set")
+    }
+
+    /// Slots (activation sites first, then weights, then biases) whose fake quantization passes its
+    /// input through while every other slot quantizes; an empty mask quantizes every slot.
+    pub fn set_float_slots(&self, float: Vec<bool>) -> Result<()> {
+        ensure!(
+            float.is_empty()
+                || float.len()
+                    == self.table.activations + self.table.weights + self.table.betas.len(),
+            "the float mask does not match the oracle's sites"
+        );
+        *self
+            .table
+            .float
+            .write()
+            .map_err(|_| anyhow!("float mask poisoned"))? = float;
+        Ok(())
     }
 
     /// With `false`, every fake quantization passes its input through: the float network.

@@ -8,6 +8,7 @@ mod fixtures;
 mod lapq;
 mod onnx_io;
 mod oracle;
+mod protect;
 mod transformer;
 
 use std::path::{Path, PathBuf};

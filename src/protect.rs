@@ -1,0 +1,519 @@
+//! Accuracy protection: what each quantization site costs the network (sensitivity), and the fallback
+//! that protects the costliest until a target holds on the calibration data: in a run below 8 bits it
+//! raises sites to 8 bits (the model stays integer), in an 8-bit run it keeps nodes float.
+//!
+//! A site is measured with the sites that share its parameters (data movement after an activation)
+//! or depend on it (a weight's int32 bias). A node's sites are those its exclusion removes from the
+//! plan, so that what is measured is what the export does when the node is kept float. Everything
+//! runs on the loss oracle with a mask of float slots or changed parameters; nothing is rebuilt.
+
+use std::collections::HashSet;
+
+use anyhow::{Result, ensure};
+use serde::Serialize;
+
+use crate::Calibrated;
+use crate::calib::{self, Grid, Histogram, Params, QParams, RangeStats};
+use crate::config::{QuantConfig, Target};
+use crate::ir::{self, Decision, GraphIndex, QuantPlan, RangeSource};
+use crate::onnx;
+use crate::oracle::{Oracle, Score};
+
+/// What quantizing one site alone costs, and how well its values fit its grid.
+#[derive(Clone, Debug, Serialize)]
+pub struct SiteSensitivity {
+    pub tensor: String,
+    /// "activation" or "weight".
+    pub kind: &'static str,
+    pub bits: u8,
+    /// The loss with only this site (and those sharing or depending on it) quantized, less the float
+    /// network's loss.
+    pub loss_delta: f64,
+    /// Top-1 agreement with the float network with only this site quantized (classifiers).
+    pub agreement: Option<f64>,
+    /// Signal to quantization noise of the values, in dB: exact for weights, from the calibration
+    /// histogram for activations; `None` where unknown (fixed or shared ranges).
+    pub sqnr_db: Option<f64>,
+    /// Fraction of the grid the observed values span (weights: the mean over channels).
+    pub range_use: Option<f64>,
+}
+
+/// What the fallback did.
+#[derive(Clone, Debug, Serialize)]
+pub struct FallbackReport {
+    pub target: Target,
+    /// "eight_bits" (sites raised to 8 bits) or "float" (nodes kept float).
+    pub mode: &'static str,
+    /// On the oracle's samples, before the fallback.
+    pub before: Score,
+    /// The sites raised or nodes kept float, in the order chosen, with the score once each was.
+    pub kept: Vec<Kept>,
+    /// Whether the target held on the oracle's samples at the end.
+    pub reached: bool,
+    /// The score of the model as exported (calibrated again with the fallback's choices).
+    pub exported: Option<Score>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Kept {
+    /// The tensor raised to 8 bits, or the node kept float.
+    pub name: String,
+    /// "activation" / "weight", or the node's operator type.
+    pub kind: String,
+    pub score: Score,
+}
+
+/// What the fallback chose, for the configuration of the run calibrated again.
+#[derive(Clone, Debug, Default)]
+pub struct Protection {
+    pub keep_float: Vec<String>,
+    pub eight_bit: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Site {
+    Activation(usize),
+    Weight(usize),
+}
+
+/// A site and the oracle slots measured with it (activation sites first, then weights, then biases).
+struct SiteUnit {
+    site: Site,
+    slots: Vec<usize>,
+}
+
+/// Every site that owns its parameters, with the slots sharing them (activations) or depending on it
+/// (a weight's biases).
+fn site_units(plan: &QuantPlan) -> Vec<SiteUnit> {
+    let (a, w) = (plan.activations.len(), plan.weights.len());
+    let mut units = vec![];
+    for (i, site) in plan.activations.iter().enumerate() {
+        if matches!(site.range, RangeSource::SameAs(_)) {
+            continue;
+        }
+        let mut slots = vec![i];
+        for (j, other) in plan.activations.iter().enumerate().skip(i + 1) {
+            if let RangeSource::SameAs(k) = other.range
+                && slots.contains(&k)
+            {
+                slots.push(j);
+            }
+        }
+        units.push(SiteUnit {
+            site: Site::Activation(i),
+            slots,
+        });
+    }
+    for k in 0..w {
+        let mut slots = vec![a + k];
+        slots.extend(
+            plan.biases
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.weight == k)
+                .map(|(b, _)| a + w + b),
+        );
+        units.push(SiteUnit {
+            site: Site::Weight(k),
+            slots,
+        });
+    }
+    units
+}
+
+/// A quantized node and the oracle slots its exclusion removes from the plan.
+struct NodeUnit {
+    node: String,
+    op_type: String,
+    slots: Vec<usize>,
+}
+
+/// Every quantized node whose exclusion removes sites, with them.
+fn node_units(c: &Calibrated, config: &QuantConfig) -> Result<Vec<NodeUnit>> {
+    let index = GraphIndex::new(&c.model)?;
+    let keys = slot_keys(&c.plan);
+    let mut units = vec![];
+    for entry in c
+        .plan
+        .nodes
+        .iter()
+        .filter(|n| n.decision == Decision::Quantized)
+    {
+        let mut without = config.clone();
+        without.keep_float.push(entry.name.clone());
+        let rest: HashSet<(char, String)> = slot_keys(&ir::plan(&index, &without)?)
+            .into_iter()
+            .collect();
+        let slots: Vec<usize> = (0..keys.len())
+            .filter(|&k| !rest.contains(&keys[k]))
+            .collect();
+        if !slots.is_empty() {
+            units.push(NodeUnit {
+                node: entry.name.clone(),
+                op_type: entry.op_type.clone(),
+                slots,
+            });
+        }
+    }
+    Ok(units)
+}
+
+/// The oracle's slots of a plan, by kind and tensor.
+fn slot_keys(plan: &QuantPlan) -> Vec<(char, String)> {
+    let a = plan.activations.iter().map(|s| ('a', s.tensor.clone()));
+    let w = plan.weights.iter().map(|s| ('w', s.tensor.clone()));
+    let b = plan.biases.iter().map(|s| ('b', s.name.clone()));
+    a.chain(w).chain(b).collect()
+}
+
+fn slot_count(plan: &QuantPlan) -> usize {
+    plan.activations.len() + plan.weights.len() + plan.biases.len()
+}
+
+/// Each site's cost with only it quantized, costliest first.
+pub fn sensitivity(
+    c: &Calibrated,
+    oracle: &Oracle,
+    progress: bool,
+) -> Result<Vec<SiteSensitivity>> {
+    let slots = slot_count(&c.plan);
+    let units = site_units(&c.plan);
+    let bar = crate::progress_bar(units.len() as u64 + 1, "sensitivity", "sites", progress);
+    let model = oracle.model();
+    model.set_float_slots(vec![true; slots])?;
+    let float = oracle.score(&c.params)?;
+    bar.inc(1);
+    let mut out = vec![];
+    for u in &units {
+        let mut mask = vec![true; slots];
+        for &s in &u.slots {
+            mask[s] = false;
+        }
+        model.set_float_slots(mask)?;
+        let score = oracle.score(&c.params)?;
+        out.push(site_quality(
+            c,
+            u.site,
+            score.loss - float.loss,
+            score.agreement,
+        )?);
+        bar.inc(1);
+    }
+    model.set_float_slots(vec![])?;
+    bar.finish_and_clear();
+    out.sort_by(|a, b| b.loss_delta.total_cmp(&a.loss_delta));
+    Ok(out)
+}
+
+/// Protects sites until `target` holds: raised to 8 bits when the run has sites below 8 bits, else
+/// their nodes kept float. Candidates are first scored one by one against the fully quantized model,
+/// then taken best gain first; a choice that does not improve the score once others are taken is
+/// passed over.
+pub fn fallback(
+    c: &Calibrated,
+    oracle: &Oracle,
+    config: &QuantConfig,
+    target: Target,
+    progress: bool,
+) -> Result<(Protection, FallbackReport)> {
+    let model = oracle.model();
+    model.set_float_slots(vec![])?;
+    let before = oracle.score(&c.params)?;
+    ensure!(
+        !matches!(target, Target::MinAgreement(_)) || before.agreement.is_some(),
+        "--min-agreement needs a classifier (one row of class scores per sample); use --max-loss"
+    );
+    let holds = |s: &Score| target.holds(s.loss, s.agreement);
+    let better = |a: &Score, b: &Score| match target {
+        Target::MaxLoss(_) => a.loss < b.loss,
+        Target::MinAgreement(_) => (a.agreement, -a.loss) > (b.agreement, -b.loss),
+    };
+    let below_eight = c.plan.activations.iter().any(|s| s.grid.bits < 8)
+        || c.plan.weights.iter().any(|s| s.grid.bits < 8);
+    // Each candidate: its name, kind, and what taking it does to (parameters, float mask).
+    type Apply<'a> = Box<dyn Fn(&Params, &[bool]) -> Result<(Params, Vec<bool>)> + 'a>;
+    let mut candidates: Vec<(String, String, Apply)> = vec![];
+    if below_eight {
+        for u in site_units(&c.plan) {
+            let (name, bits) = match u.site {
+                Site::Activation(i) => (
+                    &c.plan.activations[i].tensor,
+                    c.plan.activations[i].grid.bits,
+                ),
+                Site::Weight(k) => (&c.plan.weights[k].tensor, c.plan.weights[k].grid.bits),
+            };
+            if bits < 8 {
+                let kind = kind(u.site).to_string();
+                candidates.push((
+                    name.clone(),
+                    kind,
+                    Box::new(move |p: &Params, m: &[bool]| {
+                        Ok((raised(c, p, &u, config)?, m.to_vec()))
+                    }),
+                ));
+            }
+        }
+    } else {
+        for n in node_units(c, config)? {
+            let (name, op) = (n.node.clone(), n.op_type.clone());
+            candidates.push((
+                name,
+                op,
+                Box::new(move |p: &Params, m: &[bool]| {
+                    let mut m = m.to_vec();
+                    for &k in &n.slots {
+                        m[k] = true;
+                    }
+                    Ok((p.clone(), m))
+                }),
+            ));
+        }
+    }
+    let bar = crate::progress_bar(
+        2 * candidates.len() as u64,
+        "fallback",
+        "evaluations",
+        progress,
+    );
+    let score = |p: &Params, m: &[bool]| -> Result<Score> {
+        model.set_float_slots(m.to_vec())?;
+        oracle.score(p)
+    };
+    let none = vec![false; slot_count(&c.plan)];
+    let mut alone = vec![];
+    for (k, (_, _, apply)) in candidates.iter().enumerate() {
+        let (p, m) = apply(&c.params, &none)?;
+        alone.push((k, score(&p, &m)?));
+        bar.inc(1);
+    }
+    alone.sort_by(|a, b| {
+        if better(&a.1, &b.1) {
+            std::cmp::Ordering::Less
+        } else if better(&b.1, &a.1) {
+            std::cmp::Ordering::Greater
+        } else {
+            a.0.cmp(&b.0)
+        }
+    });
+    let (mut params, mut mask) = (c.params.clone(), none.clone());
+    let mut protection = Protection::default();
+    let mut kept = vec![];
+    let mut current = before;
+    for (k, _) in alone {
+        if holds(&current) {
+            break;
+        }
+        bar.inc(1);
+        let (name, kind, apply) = &candidates[k];
+        let (p, m) = apply(&params, &mask)?;
+        let s = score(&p, &m)?;
+        if better(&s, &current) {
+            (params, mask, current) = (p, m, s);
+            if below_eight {
+                protection.eight_bit.push(name.clone());
+            } else {
+                protection.keep_float.push(name.clone());
+            }
+            kept.push(Kept {
+                name: name.clone(),
+                kind: kind.clone(),
+                score: s,
+            });
+        }
+    }
+    model.set_float_slots(vec![])?;
+    bar.finish_and_clear();
+    Ok((
+        protection,
+        FallbackReport {
+            target,
+            mode: if below_eight { "eight_bits" } else { "float" },
+            before,
+            reached: holds(&current),
+            kept,
+            exported: None,
+        },
+    ))
+}
+
+fn kind(site: Site) -> &'static str {
+    match site {
+        Site::Activation(_) => "activation",
+        Site::Weight(_) => "weight",
+    }
+}
+
+/// `params` with the unit's sites on 8-bit grids (MinMax over what calibration observed), biases
+/// requantized (and corrected) for the new weight scales.
+fn raised(
+    c: &Calibrated,
+    params: &Params,
+    unit: &SiteUnit,
+    config: &QuantConfig,
+) -> Result<Params> {
+    let a = c.plan.activations.len();
+    let mut activations = params.activations.clone();
+    let mut weights = params.weights.clone();
+    match unit.site {
+        Site::Activation(i) => {
+            let site = &c.plan.activations[i];
+            let grid = Grid {
+                bits: 8,
+                ..site.grid
+            };
+            let p = match (&site.range, &c.stats[i]) {
+                (RangeSource::Fixed(lo, hi), _) => QParams::per_tensor(grid, *lo, *hi)?,
+                (_, Some(s)) if s.count > 0 => QParams::per_tensor(grid, s.min, s.max)?,
+                _ => return Ok(params.clone()),
+            };
+            for &k in unit.slots.iter().filter(|&&k| k < a) {
+                activations[k] = p.clone();
+            }
+        }
+        Site::Weight(k) => {
+            let site = &c.plan.weights[k];
+            let bits = if config.reduce_range { 7 } else { 8 };
+            let grid = Grid {
+                bits: site.grid.bits.max(bits),
+                ..site.grid
+            };
+            let index = GraphIndex::new(&c.model)?;
+            let t = index
+                .constant(&site.tensor)
+                .ok_or_else(|| anyhow::anyhow!("weight '{}' is not a constant", site.tensor))?
+                .tensor();
+            weights[k] = calib::weight_params(
+                grid,
+                &onnx::tensor_f32(t)?,
+                &onnx::tensor_dims(t)?,
+                site.axis,
+                calib::Clipping::MinMax,
+            )?;
+        }
+    }
+    c.biases.params(&c.plan, activations, weights)
+}
+
+/// A site's entry: its cost and how well its values fit its parameters.
+fn site_quality(
+    c: &Calibrated,
+    site: Site,
+    loss_delta: f64,
+    agreement: Option<f64>,
+) -> Result<SiteSensitivity> {
+    let (tensor, bits, sqnr_db, range_use) = match site {
+        Site::Activation(i) => {
+            let p = &c.params.activations[i];
+            let (sqnr_db, range_use) = match &c.stats[i] {
+                Some(s) if s.count > 0 => (histogram_sqnr(&s.hist, p), Some(activation_use(s, p))),
+                _ => (None, None),
+            };
+            (
+                &c.plan.activations[i].tensor,
+                p.grid.bits,
+                sqnr_db,
+                range_use,
+            )
+        }
+        Site::Weight(k) => {
+            let site = &c.plan.weights[k];
+            let p = &c.params.weights[k];
+            let index = GraphIndex::new(&c.model)?;
+            let t = index
+                .constant(&site.tensor)
+                .ok_or_else(|| anyhow::anyhow!("weight '{}' is not a constant", site.tensor))?
+                .tensor();
+            let (values, dims) = (onnx::tensor_f32(t)?, onnx::tensor_dims(t)?);
+            let mut q = values.clone();
+            p.fake_quant_in_place(&mut q, &dims);
+            let sqnr_db = sqnr(
+                values
+                    .iter()
+                    .zip(&q)
+                    .map(|(&x, &y)| (x as f64, y as f64, 1.0)),
+            );
+            (
+                &site.tensor,
+                p.grid.bits,
+                sqnr_db,
+                Some(weight_use(&values, &dims, p)),
+            )
+        }
+    };
+    Ok(SiteSensitivity {
+        tensor: tensor.clone(),
+        kind: kind(site),
+        bits,
+        loss_delta,
+        agreement,
+        sqnr_db,
+        range_use,
+    })
+}
+
+/// `10 log10(sum x^2 / sum (x - q)^2)` over weighted pairs `(x, q, weight)`; `None` without noise.
+fn sqnr(pairs: impl Iterator<Item = (f64, f64, f64)>) -> Option<f64> {
+    let (mut signal, mut noise) = (0.0, 0.0);
+    for (x, q, n) in pairs {
+        signal += n * x * x;
+        noise += n * (x - q) * (x - q);
+    }
+    (noise > 0.0).then(|| 10.0 * (signal / noise).log10())
+}
+
+/// SQNR of the histogram's values (each bin at its centre) under per-tensor parameters.
+fn histogram_sqnr(h: &Histogram, p: &QParams) -> Option<f64> {
+    let width = 2.0 * h.limit as f64 / h.counts.len() as f64;
+    sqnr(
+        h.counts
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n > 0)
+            .map(|(i, &n)| {
+                let x = -(h.limit as f64) + (i as f64 + 0.5) * width;
+                let q = p.grid.fake_quant(x as f32, p.scale[0], p.zero_point[0]) as f64;
+                (x, q, n as f64)
+            }),
+    )
+}
+
+/// The grid's representable range under parameters of scale `s` and zero point `z`.
+fn grid_range(p: &QParams, c: usize) -> (f64, f64) {
+    let (s, z) = (p.scale[c] as f64, p.zero_point[c] as f64);
+    (
+        (p.grid.qmin() as f64 - z) * s,
+        (p.grid.qmax() as f64 - z) * s,
+    )
+}
+
+/// The fraction of the grid's range the observed range covers.
+fn activation_use(s: &RangeStats, p: &QParams) -> f64 {
+    let (lo, hi) = grid_range(p, 0);
+    let covered = (s.max as f64).min(hi) - (s.min as f64).max(lo);
+    (covered / (hi - lo).max(f64::MIN_POSITIVE)).clamp(0.0, 1.0)
+}
+
+/// The mean over channels of the fraction of the grid's range the channel's values cover.
+fn weight_use(values: &[f32], dims: &[usize], p: &QParams) -> f64 {
+    let channels = p.scale.len();
+    let inner: usize = match p.axis {
+        Some(axis) => dims.get(axis + 1..).unwrap_or(&[]).iter().product(),
+        None => values.len(),
+    };
+    let mut lo = vec![f64::INFINITY; channels];
+    let mut hi = vec![f64::NEG_INFINITY; channels];
+    for (block, chunk) in values.chunks(inner.max(1)).enumerate() {
+        let c = block % channels;
+        for &v in chunk {
+            lo[c] = lo[c].min(v as f64);
+            hi[c] = hi[c].max(v as f64);
+        }
+    }
+    let uses: f64 = (0..channels)
+        .map(|c| {
+            let (glo, ghi) = grid_range(p, c);
+            ((hi[c].min(ghi) - lo[c].max(glo)) / (ghi - glo).max(f64::MIN_POSITIVE)).clamp(0.0, 1.0)
+        })
+        .sum();
+    uses / channels.max(1) as f64
+}
