@@ -155,8 +155,12 @@ pub struct QuantizeArgs {
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// The float ONNX model.
+    /// The float ONNX model (with --fusion: a QDQ model).
     pub model: PathBuf,
+    /// Say, node by node, whether ONNX Runtime's CPU execution provider runs the QDQ model MODEL on
+    /// integers (fused kernel, or Q/DQ dropped around data movement) and, if not, why.
+    #[arg(long)]
+    pub fusion: bool,
     #[command(flatten)]
     pub plan: PlanArgs,
     /// Print the plan as JSON.

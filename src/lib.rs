@@ -9,6 +9,7 @@ pub mod config;
 pub mod data;
 pub mod eval;
 pub mod export;
+pub mod fusion;
 pub mod ir;
 pub mod joint;
 pub mod onnx;

@@ -51,6 +51,16 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", evaluation.summary());
             }
         }
+        Command::Inspect(args) if args.fusion => {
+            let (model, _) = lapq::onnx::read_model(&args.model)?;
+            let verdicts = lapq::fusion::fusion(&model)
+                .map_err(|e| e.context(format!("model {}", args.model.display())))?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&verdicts)?);
+            } else {
+                print!("{}", lapq::report::fusion_text(&verdicts));
+            }
+        }
         Command::Inspect(args) => {
             let plan = lapq::inspect(&args.model, &args.plan.to_config())?;
             if args.json {

@@ -310,3 +310,33 @@ pub fn plan_text(plan: &QuantPlan) -> String {
     ));
     s
 }
+
+/// The fusion verdicts as text: one line per node, then the counts.
+pub fn fusion_text(verdicts: &[crate::fusion::Verdict]) -> String {
+    let mut s = String::new();
+    for v in verdicts {
+        match (&v.kernel, &v.reason) {
+            (Some(k), _) if *k == v.op_type => {
+                s += &format!(
+                    "integer  {} ({}): Q/DQ dropped, moves integers\n",
+                    v.node, v.op_type
+                )
+            }
+            (Some(k), _) => s += &format!("integer  {} ({}): fused into {k}\n", v.node, v.op_type),
+            (None, r) => {
+                s += &format!(
+                    "float    {} ({}): {}\n",
+                    v.node,
+                    v.op_type,
+                    r.as_deref().unwrap_or("")
+                )
+            }
+        }
+    }
+    let integer = verdicts.iter().filter(|v| v.integer).count();
+    s += &format!(
+        "{integer} of {} nodes run on integers in ONNX Runtime's CPU execution provider\n",
+        verdicts.len()
+    );
+    s
+}

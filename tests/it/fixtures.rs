@@ -4,7 +4,7 @@
 use crate::{check_qdq, fixture, lapq, quantize, quantize_reporting, site_tensors, tempdir};
 
 /// Fixtures, and the float op types that must all be fused into integer kernels in ONNX Runtime.
-const FIXTURES: &[(&str, &str)] = &[
+pub(crate) const FIXTURES: &[(&str, &str)] = &[
     ("conv_relu", "Conv"),
     ("residual_add", "Conv,Add"),
     ("depthwise_conv", "Conv"),

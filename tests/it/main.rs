@@ -5,6 +5,7 @@ mod data;
 mod effnet;
 mod eval;
 mod fixtures;
+mod fusion;
 mod lapq;
 mod onnx_io;
 mod oracle;
