@@ -107,9 +107,9 @@ fn judge(index: &GraphIndex, node: &NodeProto) -> std::result::Result<String, St
     }
     if moves
         && Q_PROPAGATES.contains(&op)
-        && !index
+        && index
             .producer(&node.input[0])
-            .is_some_and(|p| index.node(p).op_type() == "DequantizeLinear")
+            .is_none_or(|p| index.node(p).op_type() != "DequantizeLinear")
     {
         let out = &node.output[0];
         let consumers = index.consumers(out);
