@@ -146,6 +146,10 @@ pub struct QuantizeArgs {
     /// Write a JSON report: per-site scales and zero points, float nodes and why, timings.
     #[arg(long, value_name = "REPORT.json")]
     pub report: Option<PathBuf>,
+    /// Write the report as one self-contained HTML page with plots (sensitivity, LAPQ's p grid and
+    /// Powell's progress, ONNX Runtime fusion).
+    #[arg(long, value_name = "REPORT.html")]
+    pub report_html: Option<PathBuf>,
     #[command(flatten)]
     pub image: ImageArgs,
     /// No progress bar and no summary.

@@ -57,6 +57,8 @@ pub struct LapqReport {
 pub struct PowellPhase {
     pub samples: usize,
     pub seconds: f64,
+    /// The best loss after each evaluation.
+    pub trace: Vec<f64>,
     #[serde(flatten)]
     pub result: PowellResult,
 }
@@ -165,7 +167,8 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
                 ..PowellConfig::default()
             };
             let started = Instant::now();
-            let result = calib::powell(&mut objective, &x, &settings, |_, _| ())?;
+            let mut trace = vec![];
+            let result = calib::powell(&mut objective, &x, &settings, |_, best| trace.push(best))?;
             budget = budget.saturating_sub(result.evals);
             evals += result.evals;
             x.clone_from(&result.x);
@@ -175,6 +178,7 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
             powell.push(PowellPhase {
                 samples,
                 seconds: started.elapsed().as_secs_f64(),
+                trace,
                 result,
             });
         }

@@ -10,6 +10,7 @@ pub mod data;
 pub mod eval;
 pub mod export;
 pub mod fusion;
+pub mod html;
 pub mod ir;
 pub mod joint;
 pub mod onnx;
@@ -49,6 +50,7 @@ pub fn quantize(job: &Job) -> Result<Report> {
     report.sensitivity = sensitivity;
     report.fallback = fallback;
     report.warnings = qdq.warnings;
+    report.fusion = fusion::fusion(&qdq.model)?;
     report.biases_corrected = c.biases.corrected();
     Ok(report)
 }

@@ -21,7 +21,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Quantize(args) => {
             let job = args.to_job()?;
-            if let Some(path) = &args.report {
+            for path in args.report.iter().chain(&args.report_html) {
                 anyhow::ensure!(
                     path.parent()
                         .filter(|p| !p.as_os_str().is_empty())
@@ -38,6 +38,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             if let Some(path) = &args.report {
                 cli::write_text(path, &serde_json::to_string_pretty(&report)?)?;
+            }
+            if let Some(path) = &args.report_html {
+                cli::write_text(path, &lapq::html::page(&report)?)?;
             }
             if !args.quiet {
                 eprintln!("{}", report.summary());

@@ -101,6 +101,8 @@ pub struct Report {
     pub sensitivity: Option<Vec<crate::protect::SiteSensitivity>>,
     /// What the accuracy fallback kept float (with --max-loss or --min-agreement).
     pub fallback: Option<crate::protect::FallbackReport>,
+    /// What ONNX Runtime's CPU provider does with each node of the exported model.
+    pub fusion: Vec<crate::fusion::Verdict>,
     pub timings: Timings,
 }
 
@@ -175,6 +177,7 @@ impl Report {
             lapq: None,
             sensitivity: None,
             fallback: None,
+            fusion: vec![],
             timings,
         }
     }
@@ -198,6 +201,13 @@ impl Report {
             self.calibration_samples,
             self.timings.total_ms as f64 / 1000.0
         );
+        if !self.fusion.is_empty() {
+            let integer = self.fusion.iter().filter(|v| v.integer).count();
+            s.push_str(&format!(
+                "\n  ONNX Runtime's CPU provider runs {integer} of {} nodes on integers (lapq inspect --fusion says why not)",
+                self.fusion.len()
+            ));
+        }
         for n in self.skipped.iter().filter(|n| n.op_type != "Constant") {
             s.push_str(&format!(
                 "\n  float: {} ({}): {}",

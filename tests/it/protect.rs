@@ -188,3 +188,54 @@ fn bad_targets_are_refused() {
         assert!(!out.exists());
     }
 }
+
+/// The HTML report is one self-contained page: four SVG plots (sensitivity, p grid, Powell, fusion)
+/// that parse as XML, no external resources, and the costliest site named in its table.
+#[test]
+fn html_report_is_self_contained_with_every_plot() {
+    let (model, calib) = model();
+    let dir = tempdir();
+    let out = dir.path().join("q.onnx");
+    let html = dir.path().join("q.html");
+    let r = quantize_reporting(
+        &model,
+        &out,
+        &calib,
+        &[
+            "--method",
+            "lapq",
+            "--wbits",
+            "4",
+            "--max-iters",
+            "1",
+            "--sensitivity",
+            "--report-html",
+            html.to_str().unwrap(),
+        ],
+    );
+    check_qdq(&model, &out, &calib, "metrics_only", "");
+    let costliest = r["sensitivity"][0]["tensor"].as_str().unwrap().to_string();
+    let stats = crate::py_output(
+        "import sys, re, xml.etree.ElementTree as ET\n\
+         from html.parser import HTMLParser\n\
+         page = open(sys.argv[1]).read()\n\
+         svgs = re.findall(r'<svg\\b.*?</svg>', page, re.S)\n\
+         for s in svgs: ET.fromstring(s)\n\
+         class P(HTMLParser):\n    \
+             def __init__(self): super().__init__(); self.ext = 0\n    \
+             def handle_starttag(self, tag, attrs):\n        \
+                 self.ext += sum(1 for k, v in attrs if k in ('src', 'href') and v and not v.startswith('#'))\n\
+         p = P(); p.feed(page)\n\
+         print(len(svgs), p.ext, page.count('<table>'))",
+        &[&html],
+    );
+    let v: Vec<usize> = stats
+        .split_whitespace()
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert_eq!(v[0], 4, "plots: {stats}");
+    assert_eq!(v[1], 0, "external resources: {stats}");
+    let page = std::fs::read_to_string(&html).unwrap();
+    assert!(page.contains(&costliest), "{costliest} missing");
+    assert!(page.contains("run on integers"), "fusion summary missing");
+}
