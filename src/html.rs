@@ -136,7 +136,7 @@ pub fn page(report: &Report) -> Result<String> {
             None => kinds.push((k, 1)),
         }
     }
-    kinds.sort_by(|a, b| b.1.cmp(&a.1));
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
     body += &labelled_bars(&kinds)?;
     let floats: Vec<_> = report.fusion.iter().filter(|v| !v.integer).collect();
     if !floats.is_empty() {
