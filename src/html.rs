@@ -43,23 +43,29 @@ pub fn page(report: &Report) -> Result<String> {
                 "loss increase",
                 &top.iter().map(|s| s.loss_delta).collect::<Vec<_>>(),
             )?;
-            body += "<table><tr><th>#</th><th>site</th><th>kind</th><th>bits</th><th>loss \
-                     increase</th><th>SQNR dB</th><th>range used</th></tr>";
-            for (k, s) in top.iter().enumerate() {
-                body += &format!(
-                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.5}</td><td>{}</td>\
-                     <td>{}</td></tr>",
-                    k + 1,
-                    esc(&s.tensor),
-                    s.kind,
-                    s.bits,
-                    s.loss_delta,
-                    s.sqnr_db.map_or("-".into(), |d| format!("{d:.1}")),
-                    s.range_use
-                        .map_or("-".into(), |u| format!("{:.0}%", 100.0 * u))
-                );
-            }
-            body += "</table>";
+            body += &table(
+                &[
+                    "#",
+                    "site",
+                    "kind",
+                    "bits",
+                    "loss increase",
+                    "SQNR dB",
+                    "range used",
+                ],
+                top.iter().enumerate().map(|(k, s)| {
+                    vec![
+                        (k + 1).to_string(),
+                        s.tensor.clone(),
+                        s.kind.to_string(),
+                        s.bits.to_string(),
+                        format!("{:.5}", s.loss_delta),
+                        s.sqnr_db.map_or("-".into(), |d| format!("{d:.1}")),
+                        s.range_use
+                            .map_or("-".into(), |u| format!("{:.0}%", 100.0 * u)),
+                    ]
+                }),
+            );
         }
         _ => body += "<p>Not measured (run with <code>--sensitivity</code>).</p>",
     }
@@ -71,22 +77,18 @@ pub fn page(report: &Report) -> Result<String> {
             None => format!("loss {:.5}", s.loss),
         };
         body += &format!(
-            "<p>target {}; before: {}; {}; exported: {}</p><table><tr><th>choice</th><th>kind</th>\
-             <th>score after</th></tr>",
+            "<p>target {}; before: {}; {}; exported: {}</p>",
             esc(&format!("{:?}", f.target)),
             score(&f.before),
             if f.reached { "reached" } else { "not reached" },
             f.exported.as_ref().map_or("-".into(), score)
         );
-        for k in &f.kept {
-            body += &format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&k.name),
-                esc(&k.kind),
-                score(&k.score)
-            );
-        }
-        body += "</table>";
+        body += &table(
+            &["choice", "kind", "score after"],
+            f.kept
+                .iter()
+                .map(|k| vec![k.name.clone(), k.kind.clone(), score(&k.score)]),
+        );
     }
 
     body += "<h2>LAPQ</h2>";
@@ -140,32 +142,29 @@ pub fn page(report: &Report) -> Result<String> {
     body += &labelled_bars(&kinds)?;
     let floats: Vec<_> = report.fusion.iter().filter(|v| !v.integer).collect();
     if !floats.is_empty() {
-        body += "<table><tr><th>float node</th><th>op</th><th>why</th></tr>";
-        for v in floats {
-            body += &format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&v.node),
-                esc(&v.op_type),
-                esc(v.reason.as_deref().unwrap_or(""))
-            );
-        }
-        body += "</table>";
+        body += &table(
+            &["float node", "op", "why"],
+            floats.iter().map(|v| {
+                vec![
+                    v.node.clone(),
+                    v.op_type.clone(),
+                    v.reason.clone().unwrap_or_default(),
+                ]
+            }),
+        );
     }
 
     body += "<h2>Nodes left in float by the plan</h2>";
     if report.skipped.is_empty() {
         body += "<p>None.</p>";
     } else {
-        body += "<table><tr><th>node</th><th>op</th><th>reason</th></tr>";
-        for n in &report.skipped {
-            body += &format!(
-                "<tr><td>{}</td><td>{}</td><td>{}</td></tr>",
-                esc(&n.node),
-                esc(&n.op_type),
-                esc(&n.reason)
-            );
-        }
-        body += "</table>";
+        body += &table(
+            &["node", "op", "reason"],
+            report
+                .skipped
+                .iter()
+                .map(|n| vec![n.node.clone(), n.op_type.clone(), n.reason.clone()]),
+        );
     }
     Ok(format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>lapq report: {}\
@@ -175,6 +174,21 @@ pub fn page(report: &Report) -> Result<String> {
          {body}\n</body></html>\n",
         esc(&report.output)
     ))
+}
+
+/// An HTML table of `rows` (text, escaped here) under `headers`.
+fn table(headers: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+    let cells = |tag: &str, row: &mut dyn Iterator<Item = String>| -> String {
+        row.map(|c| format!("<{tag}>{}</{tag}>", esc(&c))).collect()
+    };
+    let mut s = format!(
+        "<table><tr>{}</tr>",
+        cells("th", &mut headers.iter().map(|h| h.to_string()))
+    );
+    for row in rows {
+        s += &format!("<tr>{}</tr>", cells("td", &mut row.into_iter()));
+    }
+    s + "</table>"
 }
 
 fn esc(s: &str) -> String {

@@ -7,20 +7,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::{fixture, lapq, py, quantize, root, tempdir};
-
-fn eval_json(float: &Path, quant: &Path, data: &Path) -> Value {
-    let o = lapq(&[
-        "eval",
-        float.to_str().unwrap(),
-        quant.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    serde_json::from_slice(&o.stdout).unwrap()
-}
+use crate::{eval_json, fixture, lapq, py, quantize, root, tempdir};
 
 fn ort_json(float: &Path, quant: &Path, data: &Path, level: &str) -> Value {
     let o = std::process::Command::new(crate::python())
@@ -101,7 +88,7 @@ fn eval_agrees_with_onnx_runtime_on_effnet_int8_and_int4() {
         let mut args = vec!["--quiet", "--max-samples", "64"];
         args.extend_from_slice(extra);
         quantize(&model, &out, &calib, &args);
-        let ours = eval_json(&model, &out, &data);
+        let ours = eval_json(&model, &out, &data, &[]);
         let exact = ort_json(&model, &out, &data, "disabled");
         let (top1, kl, cos, sqnr) = gaps(&ours, &exact);
         eprintln!(
@@ -146,7 +133,7 @@ fn eval_reports_every_output_of_a_multi_output_model() {
     let calib = fixture("classifier").join("calib.npz");
     let out = dir.path().join("q.onnx");
     quantize(&model, &out, &calib, &["--quiet"]);
-    let ours = eval_json(&model, &out, &calib);
+    let ours = eval_json(&model, &out, &calib, &[]);
     let exact = ort_json(&model, &out, &calib, "disabled");
     let (top1, kl, cos, sqnr) = gaps(&ours, &exact);
     assert!(
@@ -176,7 +163,7 @@ fn eval_accuracy_with_labels_and_clear_refusals() {
     let n = py_count(&calib);
     // Labels: the float model's own top class, so float accuracy is exactly 1.
     let labels = dir.path().join("labels.txt");
-    let float = eval_json(&model, &model, &calib);
+    let float = eval_json(&model, &model, &calib, &[]);
     assert_eq!(float["outputs"][0]["sqnr_db"], Value::Null, "{float}");
     py(
         "import sys, numpy as np, onnxruntime as ort\n\
@@ -186,18 +173,12 @@ fn eval_accuracy_with_labels_and_clear_refusals() {
          open(sys.argv[3], 'w').write(''.join(f'{t}\\n' for t in top))",
         &[&model, &calib, &labels],
     );
-    let o = lapq(&[
-        "eval",
-        model.to_str().unwrap(),
-        out.to_str().unwrap(),
-        "--data",
-        calib.to_str().unwrap(),
-        "--labels",
-        labels.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let v = eval_json(
+        &model,
+        &out,
+        &calib,
+        &["--labels", labels.to_str().unwrap()],
+    );
     assert_eq!(v["samples"].as_u64().unwrap() as usize, n);
     assert_eq!(v["accuracy"]["float"], 1.0, "{v}");
     let agree = v["outputs"][0]["classifier"]["top1_agreement"]

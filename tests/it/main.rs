@@ -57,6 +57,22 @@ pub fn lapq(args: &[&str]) -> Output {
         .expect("lapq runs")
 }
 
+/// Runs `lapq eval FLOAT QUANT --data DATA --json EXTRA...`, which must succeed, and returns its JSON.
+pub fn eval_json(float: &Path, quant: &Path, data: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "eval",
+        float.to_str().unwrap(),
+        quant.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    let o = lapq(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).expect("lapq eval --json prints JSON")
+}
+
 /// Runs `lapq quantize MODEL -o OUT --calib CALIB EXTRA...` and returns its output.
 pub fn run_quantize(model: &Path, out: &Path, calib: &Path, extra: &[&str]) -> Output {
     let mut args = vec![

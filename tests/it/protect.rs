@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use crate::{check_qdq, fixture, lapq, quantize_reporting, tempdir};
+use crate::{check_qdq, eval_json, fixture, quantize_reporting, tempdir};
 
 fn model() -> (std::path::PathBuf, std::path::PathBuf) {
     let dir = fixture("classifier");
@@ -113,19 +113,7 @@ fn fallback_raises_sites_to_eight_bits_until_the_loss_target_holds() {
     );
     assert_eq!(r["nodes_float"], 0, "{r}");
     check_qdq(&model, &out, &calib, "metrics_only", "");
-    let sqnr = |q: &std::path::Path| {
-        let o = lapq(&[
-            "eval",
-            model.to_str().unwrap(),
-            q.to_str().unwrap(),
-            "--data",
-            calib.to_str().unwrap(),
-            "--json",
-        ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
-        f(&v["outputs"][0]["sqnr_db"])
-    };
+    let sqnr = |q: &std::path::Path| f(&eval_json(&model, q, &calib, &[])["outputs"][0]["sqnr_db"]);
     let (plain_db, protected_db) = (sqnr(&plain), sqnr(&out));
     assert!(
         protected_db > plain_db + 3.0,
