@@ -65,6 +65,7 @@ const Q_PROPAGATES: &[&str] = &["MaxPool", "Reshape", "Transpose", "Squeeze", "U
 /// The verdict on every node of `model` but its QuantizeLinear/DequantizeLinear nodes, in graph order.
 pub fn fusion(model: &ModelProto) -> Result<Vec<Verdict>> {
     let index = GraphIndex::new(model)?;
+    check_qdq_arity(index.graph)?;
     Ok(index
         .graph
         .node
@@ -98,6 +99,9 @@ struct Source<'m> {
 
 fn judge(index: &GraphIndex, node: &NodeProto) -> std::result::Result<String, String> {
     let op = node.op_type();
+    if node.input.first().is_none_or(|i| i.is_empty()) || node.output.is_empty() {
+        return Err(format!("{op} without a first input or an output"));
+    }
     let fused = FUSED.iter().find(|(o, _)| *o == op).map(|(_, k)| *k);
     let moves = DATA_MOVEMENT.contains(&op);
     if !matches!(node.domain(), "" | "ai.onnx") || (fused.is_none() && !moves) {
@@ -281,6 +285,21 @@ fn output_type(index: &GraphIndex, q: &NodeProto) -> i32 {
         }
         _ => t,
     }
+}
+
+/// Every QuantizeLinear/DequantizeLinear has its input and output (the code below reads them).
+pub(crate) fn check_qdq_arity(graph: &onnx::GraphProto) -> Result<()> {
+    for n in &graph.node {
+        if matches!(n.op_type(), "QuantizeLinear" | "DequantizeLinear") {
+            anyhow::ensure!(
+                n.input.first().is_some_and(|i| !i.is_empty()) && !n.output.is_empty(),
+                "node {} ({}) has no input or no output",
+                onnx::node_label(n),
+                n.op_type()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn is_eight_bit(elem: i32) -> bool {

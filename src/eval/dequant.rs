@@ -40,6 +40,7 @@ const INTEGER_OPS: &[&str] = &[
 pub fn dequantized(model: &ModelProto) -> Result<ModelProto> {
     let index = GraphIndex::new(model)?;
     let graph = model.graph.as_ref().context("the model has no graph")?;
+    crate::fusion::check_qdq_arity(graph)?;
     let mut names = onnx::Names::of(graph);
     let mut nodes: Vec<NodeProto> = vec![];
     let mut inits: Vec<TensorProto> = vec![];

@@ -99,3 +99,41 @@ fn fusion_verdicts_match_onnx_runtimes_optimized_graph() {
         "{integer} integer, {float} float"
     );
 }
+
+/// A malformed QDQ model gets a one-line error naming the node from `inspect --fusion` and `eval`, never
+/// a panic.
+#[test]
+fn malformed_qdq_nodes_are_named_not_panicked_on() {
+    let dir = tempdir();
+    let bad = dir.path().join("bad.onnx");
+    crate::py(
+        "import sys, onnx\nfrom onnx import helper, TensorProto as T\n\
+         g = helper.make_graph([helper.make_node('DequantizeLinear', [], ['y'], name='lonely_dq'), \
+         helper.make_node('Relu', ['y'], ['z'], name='r')], 'g', \
+         [helper.make_tensor_value_info('x', T.FLOAT, [1, 4])], [helper.make_tensor_value_info('z', T.FLOAT, [1])])\n\
+         onnx.save(helper.make_model(g), sys.argv[1])",
+        &[&bad],
+    );
+    let float = fixture("classifier").join("model.onnx");
+    let calib = fixture("classifier").join("calib.npz");
+    for args in [
+        vec!["inspect", "--fusion", bad.to_str().unwrap()],
+        vec![
+            "eval",
+            float.to_str().unwrap(),
+            bad.to_str().unwrap(),
+            "--data",
+            calib.to_str().unwrap(),
+        ],
+    ] {
+        let o = lapq(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            !err.contains("panicked") && err.trim().lines().count() == 1,
+            "{err}"
+        );
+    }
+    let o = lapq(&["inspect", "--fusion", bad.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("lonely_dq"));
+}
