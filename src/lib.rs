@@ -117,9 +117,9 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
     Ok(c)
 }
 
-/// `calibrate`, then, when the job asks, each quantized node's sensitivity and the accuracy fallback:
-/// the nodes it keeps float are excluded and the run is calibrated again (LAPQ included), and the
-/// result is scored by a fresh oracle.
+/// `calibrate`, then, when the job asks, each site's sensitivity and the accuracy fallback: sites it
+/// raises to 8 bits keep the parameters it chose; nodes it keeps float are excluded and the run is
+/// calibrated again (LAPQ included). The result is scored by a fresh oracle.
 fn calibrate_protected(
     job: &Job,
 ) -> Result<(
@@ -141,13 +141,21 @@ fn calibrate_protected(
     let (chosen, mut report) = protect::fallback(&c, &first, q, target, job.progress)?;
     drop(first);
     let mut c = c;
-    if !report.kept.is_empty() {
+    if !chosen.keep_float.is_empty() {
+        // Float nodes change the plan: calibrate again without them.
         let mut again = job.clone();
         again.quant.keep_float.extend(chosen.keep_float);
-        again.quant.eight_bit.extend(chosen.eight_bit);
         let timings = c.timings;
         c = calibrate(&again)?;
         c.timings = timings;
+    } else if !chosen.eight_bit.is_empty() {
+        // Raised grids leave the plan's sites as they are: keep the parameters the fallback scored.
+        let mut raised = q.clone();
+        raised.eight_bit.extend(chosen.eight_bit);
+        ir::raise_to_eight_bits(&mut c.plan, &raised);
+        c.params = chosen
+            .params
+            .context("internal: the fallback kept no parameters")?;
     }
     report.exported = Some(oracle(&c, n, 1)?.score(&c.params)?);
     c.timings

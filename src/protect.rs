@@ -68,6 +68,9 @@ pub struct Kept {
 pub struct Protection {
     pub keep_float: Vec<String>,
     pub eight_bit: Vec<String>,
+    /// The parameters scored last (valid for the plan with `eight_bit` raised; `keep_float` changes
+    /// the plan itself, which then needs calibrating again).
+    pub params: Option<Params>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -207,7 +210,7 @@ pub fn sensitivity(
 
 /// Protects sites until `target` holds: raised to 8 bits when the run has sites below 8 bits, else
 /// their nodes kept float. Candidates are first scored one by one against the fully quantized model,
-/// then taken best gain first; a choice that does not improve the score once others are taken is
+/// then taken lowest loss first; a choice that does not lower the loss once others are taken is
 /// passed over.
 pub fn fallback(
     c: &Calibrated,
@@ -224,10 +227,9 @@ pub fn fallback(
         "--min-agreement needs a classifier (one row of class scores per sample); use --max-loss"
     );
     let holds = |s: &Score| target.holds(s.loss, s.agreement);
-    let better = |a: &Score, b: &Score| match target {
-        Target::MaxLoss(_) => a.loss < b.loss,
-        Target::MinAgreement(_) => (a.agreement, -a.loss) > (b.agreement, -b.loss),
-    };
+    // The loss guides both targets: top-1 agreement on a few dozen samples moves in coarse steps
+    // and stalls a greedy search long before the loss does.
+    let better = |a: &Score, b: &Score| a.loss < b.loss;
     let below_eight = c.plan.activations.iter().any(|s| s.grid.bits < 8)
         || c.plan.weights.iter().any(|s| s.grid.bits < 8);
     // Each candidate: its name, kind, and what taking it does to (parameters, float mask).
@@ -323,6 +325,7 @@ pub fn fallback(
     }
     model.set_float_slots(vec![])?;
     bar.finish_and_clear();
+    protection.params = Some(params);
     Ok((
         protection,
         FallbackReport {

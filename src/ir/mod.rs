@@ -7,6 +7,6 @@ mod policy;
 pub use index::{ConstSource, GraphIndex, ModelInput};
 pub use plan::{
     ActivationSite, BiasSite, Decision, Folded, NodeEntry, QuantPlan, RangeSource, SkipReason,
-    WeightSite, plan,
+    WeightSite, plan, raise_to_eight_bits,
 };
 pub use policy::{OpClass, op_class};

@@ -361,7 +361,7 @@ pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
 }
 
 /// Puts the sites of `config.eight_bit`, and the sites sharing their parameters, on 8-bit grids.
-fn raise_to_eight_bits(plan: &mut QuantPlan, config: &QuantConfig) {
+pub fn raise_to_eight_bits(plan: &mut QuantPlan, config: &QuantConfig) {
     let raised = |t: &str| config.eight_bit.iter().any(|e| e == t);
     for i in 0..plan.activations.len() {
         let shares = match plan.activations[i].range {
