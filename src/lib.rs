@@ -138,7 +138,8 @@ fn calibrate_protected(
     let Some(target) = q.target else {
         return Ok((c, Some(sensitivity), None));
     };
-    let (chosen, mut report) = protect::fallback(&c, &first, q, target, job.progress)?;
+    let (chosen, mut report) =
+        protect::fallback(&c, &first, q, &sensitivity, target, job.progress)?;
     drop(first);
     let mut c = c;
     if !chosen.keep_float.is_empty() {

@@ -46,8 +46,13 @@ pub struct FallbackReport {
     pub mode: &'static str,
     /// On the oracle's samples, before the fallback.
     pub before: Score,
-    /// The sites raised or nodes kept float, in the order chosen, with the score once each was.
+    /// The sites raised or nodes kept float, costliest first, with the score once each was taken
+    /// (those taken up to it, before the pruning pass).
     pub kept: Vec<Kept>,
+    /// Choices taken, then dropped because the target held without them.
+    pub dropped: Vec<String>,
+    /// The score with the final choices, on the oracle's samples.
+    pub after: Score,
     /// Whether the target held on the oracle's samples at the end.
     pub reached: bool,
     /// The score of the model as exported (calibrated again with the fallback's choices).
@@ -209,13 +214,15 @@ pub fn sensitivity(
 }
 
 /// Protects sites until `target` holds: raised to 8 bits when the run has sites below 8 bits, else
-/// their nodes kept float. Candidates are first scored one by one against the fully quantized model,
-/// then taken lowest loss first; a choice that does not lower the loss once others are taken is
-/// passed over.
+/// their nodes kept float. Candidates are taken costliest first by `sensitivity` (a node costs what
+/// the sites it owns cost), each kept whether or not the loss moves at once: in a badly broken network
+/// no single repair shows until several are made. Once the target holds, the choices are revisited
+/// cheapest first and dropped where the target still holds without them.
 pub fn fallback(
     c: &Calibrated,
     oracle: &Oracle,
     config: &QuantConfig,
+    sensitivity: &[SiteSensitivity],
     target: Target,
     progress: bool,
 ) -> Result<(Protection, FallbackReport)> {
@@ -227,28 +234,34 @@ pub fn fallback(
         "--min-agreement needs a classifier (one row of class scores per sample); use --max-loss"
     );
     let holds = |s: &Score| target.holds(s.loss, s.agreement);
-    // The loss guides both targets: top-1 agreement on a few dozen samples moves in coarse steps
-    // and stalls a greedy search long before the loss does.
-    let better = |a: &Score, b: &Score| a.loss < b.loss;
     let below_eight = c.plan.activations.iter().any(|s| s.grid.bits < 8)
         || c.plan.weights.iter().any(|s| s.grid.bits < 8);
-    // Each candidate: its name, kind, and what taking it does to (parameters, float mask).
+    let units = site_units(&c.plan);
+    let site_name = |site: Site| match site {
+        Site::Activation(i) => &c.plan.activations[i].tensor,
+        Site::Weight(k) => &c.plan.weights[k].tensor,
+    };
+    let cost_of = |u: &SiteUnit| {
+        sensitivity
+            .iter()
+            .find(|s| *site_name(u.site) == s.tensor && kind(u.site) == s.kind)
+            .map_or(0.0, |s| s.loss_delta)
+    };
+    // Each candidate: its name, kind, cost, and what taking it does to (parameters, float mask).
     type Apply<'a> = Box<dyn Fn(&Params, &[bool]) -> Result<(Params, Vec<bool>)> + 'a>;
-    let mut candidates: Vec<(String, String, Apply)> = vec![];
+    let mut candidates: Vec<(String, String, f64, Apply)> = vec![];
     if below_eight {
         for u in site_units(&c.plan) {
-            let (name, bits) = match u.site {
-                Site::Activation(i) => (
-                    &c.plan.activations[i].tensor,
-                    c.plan.activations[i].grid.bits,
-                ),
-                Site::Weight(k) => (&c.plan.weights[k].tensor, c.plan.weights[k].grid.bits),
+            let bits = match u.site {
+                Site::Activation(i) => c.plan.activations[i].grid.bits,
+                Site::Weight(k) => c.plan.weights[k].grid.bits,
             };
             if bits < 8 {
-                let kind = kind(u.site).to_string();
+                let (name, cost) = (site_name(u.site).clone(), cost_of(&u));
                 candidates.push((
-                    name.clone(),
-                    kind,
+                    name,
+                    kind(u.site).to_string(),
+                    cost,
                     Box::new(move |p: &Params, m: &[bool]| {
                         Ok((raised(c, p, &u, config)?, m.to_vec()))
                     }),
@@ -256,11 +269,19 @@ pub fn fallback(
             }
         }
     } else {
+        let mut slot_cost = vec![0.0; slot_count(&c.plan)];
+        for u in &units {
+            for &k in &u.slots {
+                slot_cost[k] = cost_of(u);
+            }
+        }
         for n in node_units(c, config)? {
+            let cost = n.slots.iter().map(|&k| slot_cost[k]).sum();
             let (name, op) = (n.node.clone(), n.op_type.clone());
             candidates.push((
                 name,
                 op,
+                cost,
                 Box::new(move |p: &Params, m: &[bool]| {
                     let mut m = m.to_vec();
                     for &k in &n.slots {
@@ -271,6 +292,7 @@ pub fn fallback(
             ));
         }
     }
+    candidates.sort_by(|a, b| b.2.total_cmp(&a.2));
     let bar = crate::progress_bar(
         2 * candidates.len() as u64,
         "fallback",
@@ -282,50 +304,62 @@ pub fn fallback(
         oracle.score(p)
     };
     let none = vec![false; slot_count(&c.plan)];
-    let mut alone = vec![];
-    for (k, (_, _, apply)) in candidates.iter().enumerate() {
-        let (p, m) = apply(&c.params, &none)?;
-        alone.push((k, score(&p, &m)?));
-        bar.inc(1);
-    }
-    alone.sort_by(|a, b| {
-        if better(&a.1, &b.1) {
-            std::cmp::Ordering::Less
-        } else if better(&b.1, &a.1) {
-            std::cmp::Ordering::Greater
-        } else {
-            a.0.cmp(&b.0)
+    // The state after taking `chosen` (candidate indices), in order.
+    let state = |chosen: &[usize]| -> Result<(Params, Vec<bool>)> {
+        let (mut p, mut m) = (c.params.clone(), none.clone());
+        for &k in chosen {
+            (p, m) = (candidates[k].3)(&p, &m)?;
         }
-    });
-    let (mut params, mut mask) = (c.params.clone(), none.clone());
-    let mut protection = Protection::default();
+        Ok((p, m))
+    };
+    let mut chosen: Vec<usize> = vec![];
     let mut kept = vec![];
     let mut current = before;
-    for (k, _) in alone {
+    for (k, (name, kind, ..)) in candidates.iter().enumerate() {
         if holds(&current) {
             break;
         }
         bar.inc(1);
-        let (name, kind, apply) = &candidates[k];
-        let (p, m) = apply(&params, &mask)?;
-        let s = score(&p, &m)?;
-        if better(&s, &current) {
-            (params, mask, current) = (p, m, s);
-            if below_eight {
-                protection.eight_bit.push(name.clone());
-            } else {
-                protection.keep_float.push(name.clone());
+        chosen.push(k);
+        let (p, m) = state(&chosen)?;
+        current = score(&p, &m)?;
+        kept.push(Kept {
+            name: name.clone(),
+            kind: kind.clone(),
+            score: current,
+        });
+    }
+    let mut dropped = vec![];
+    if holds(&current) {
+        for k in chosen.clone().into_iter().rev() {
+            bar.inc(1);
+            let trial: Vec<usize> = chosen.iter().copied().filter(|&j| j != k).collect();
+            let (p, m) = state(&trial)?;
+            let s = score(&p, &m)?;
+            if holds(&s) {
+                chosen = trial;
+                current = s;
+                dropped.push(candidates[k].0.clone());
             }
-            kept.push(Kept {
-                name: name.clone(),
-                kind: kind.clone(),
-                score: s,
-            });
         }
     }
+    kept.retain(|k| !dropped.contains(&k.name));
+    let (params, _) = state(&chosen)?;
     model.set_float_slots(vec![])?;
     bar.finish_and_clear();
-    protection.params = Some(params);
+    let names = chosen.iter().map(|&k| candidates[k].0.clone()).collect();
+    let protection = if below_eight {
+        Protection {
+            eight_bit: names,
+            params: Some(params),
+            ..Protection::default()
+        }
+    } else {
+        Protection {
+            keep_float: names,
+            ..Protection::default()
+        }
+    };
     Ok((
         protection,
         FallbackReport {
@@ -334,6 +368,8 @@ pub fn fallback(
             before,
             reached: holds(&current),
             kept,
+            dropped,
+            after: current,
             exported: None,
         },
     ))

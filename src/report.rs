@@ -266,6 +266,13 @@ impl Report {
                     score(&k.score)
                 ));
             }
+            if !f.dropped.is_empty() {
+                s.push_str(&format!(
+                    "\n    then dropped, the target holding without them: {}",
+                    f.dropped.join(", ")
+                ));
+            }
+            s.push_str(&format!("\n  with the final choices: {}", score(&f.after)));
             if let Some(e) = &f.exported {
                 s.push_str(&format!("\n  exported model: {}", score(e)));
             }
