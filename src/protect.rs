@@ -315,13 +315,15 @@ pub fn fallback(
     let mut chosen: Vec<usize> = vec![];
     let mut kept = vec![];
     let mut current = before;
-    for (k, (name, kind, ..)) in candidates.iter().enumerate() {
+    // Forward, each choice applies on top of the last state; only pruning replays from scratch.
+    let (mut p, mut m) = (c.params.clone(), none.clone());
+    for (k, (name, kind, _, apply)) in candidates.iter().enumerate() {
         if holds(&current) {
             break;
         }
         bar.inc(1);
         chosen.push(k);
-        let (p, m) = state(&chosen)?;
+        (p, m) = apply(&p, &m)?;
         current = score(&p, &m)?;
         kept.push(Kept {
             name: name.clone(),
