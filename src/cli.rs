@@ -7,7 +7,7 @@ use anyhow::{Result, bail, ensure};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use lapq::config::{
-    ChannelOrder, Container, DataConfig, ImageConfig, Job, Layout, Method, QuantConfig,
+    ChannelOrder, Container, DataConfig, Deploy, ImageConfig, Job, Layout, Method, QuantConfig,
 };
 
 /// Post-training quantization of float ONNX models into QDQ ONNX models for ONNX Runtime.
@@ -180,10 +180,16 @@ pub struct PlanArgs {
     /// Weight bit width, 2 to 8 (below 8: values on the narrower grid, stored in int8).
     #[arg(long, default_value_t = 8, value_name = "BITS")]
     pub wbits: u8,
-    /// Weights on at most 7 bits, for x86 CPUs without VNNI (whose 16-bit sums of uint8 x int8
-    /// products can saturate at 8 bits).
+    /// Every weight on at most 7 bits (ONNX Runtime's reduce_range; --target already keeps the
+    /// weights that could saturate on 7 bits).
     #[arg(long)]
     pub reduce_range: bool,
+    /// Where the model will run. portable: correct on every CPU (7-bit weights where x86 without
+    /// VNNI adds products in saturating 16-bit pairs: every Conv but depthwise, Gemm, MatMul);
+    /// x86-avx2: the same; x86-vnni, arm64: full 8-bit weights (their kernels sum in 32 bits; on
+    /// x86 without VNNI such a model's fused kernels depart from its Q/DQ semantics).
+    #[arg(long, value_enum, default_value = "portable", value_name = "TARGET")]
+    pub target: DeployArg,
     /// Activation bit width, 2 to 8 or 16 (below 8: 8-bit containers with a Clip before each
     /// QuantizeLinear; 16: uint16/int16, opset 21).
     #[arg(long, default_value_t = 8, value_name = "BITS")]
@@ -273,6 +279,14 @@ pub enum ContainerArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DeployArg {
+    Portable,
+    X86Avx2,
+    X86Vnni,
+    Arm64,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum LayoutArg {
     Nchw,
     Nhwc,
@@ -284,6 +298,12 @@ impl PlanArgs {
             per_channel: !self.per_tensor,
             weight_bits: self.wbits,
             reduce_range: self.reduce_range,
+            deploy: match self.target {
+                DeployArg::Portable => Deploy::Portable,
+                DeployArg::X86Avx2 => Deploy::X86Avx2,
+                DeployArg::X86Vnni => Deploy::X86Vnni,
+                DeployArg::Arm64 => Deploy::Arm64,
+            },
             act_bits: self.abits,
             symmetric_activations: self.symmetric_activations,
             exclude_nodes: self.exclude_nodes.clone(),

@@ -39,6 +39,47 @@ pub enum Container {
     Int4,
 }
 
+/// Where the exported model will run: it decides which integer arithmetic the weights must survive.
+///
+/// ONNX Runtime's x86 uint8 x int8 kernels without VNNI (AVX2, AVX-512 without VNNI) add products in
+/// pairs with 16-bit saturation (`vpmaddubsw`): two adjacent weights of the full int8 range times
+/// activations near 255 overflow, and the fused model departs from its Q/DQ semantics (EfficientNet-
+/// Lite0: top-1 agreement 0.66 fused under AVX2 emulation against 0.97 unfused). Weights of at most 7
+/// bits cannot saturate (255 x 63 x 2 < 2^15). Depthwise convolutions run in their own kernel, which
+/// multiplies to 32 bits and keeps 8 bits safely.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Deploy {
+    /// Correct on every CPU ONNX Runtime runs on: 7-bit weights where x86 without VNNI pairs
+    /// products (Conv but depthwise, Gemm, MatMul), 8 bits elsewhere.
+    #[default]
+    Portable,
+    /// x86-64 with AVX2 and no VNNI: the same rule as `Portable`.
+    X86Avx2,
+    /// x86-64 with AVX-VNNI or AVX512-VNNI: full 8-bit weights (`vpdpbusd` sums in 32 bits).
+    X86Vnni,
+    /// 64-bit Arm: full 8-bit weights (its dot-product kernels sum in 32 bits).
+    Arm64,
+}
+
+impl Deploy {
+    /// Whether weights of layers whose products the target's kernels add in saturating 16-bit
+    /// pairs must stay on 7 bits.
+    pub fn pairs_saturate(self) -> bool {
+        matches!(self, Deploy::Portable | Deploy::X86Avx2)
+    }
+
+    /// The name `--target` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Deploy::Portable => "portable",
+            Deploy::X86Avx2 => "x86-avx2",
+            Deploy::X86Vnni => "x86-vnni",
+            Deploy::Arm64 => "arm64",
+        }
+    }
+}
+
 /// What to quantize and how.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct QuantConfig {
@@ -67,9 +108,11 @@ pub struct QuantConfig {
     pub per_channel: bool,
     /// Weight bit width (2 to 8): signed symmetric codes in [-(2^(b-1) - 1), 2^(b-1) - 1].
     pub weight_bits: u8,
-    /// Weights on at most 7 bits, so that x86 without VNNI cannot saturate its 16-bit intermediate
-    /// sums of uint8 x int8 products (ONNX Runtime's `reduce_range`).
+    /// Every weight on at most 7 bits (ONNX Runtime's `reduce_range`; `deploy` already keeps the
+    /// weights that could saturate on 7 bits).
     pub reduce_range: bool,
+    /// Where the model will run.
+    pub deploy: Deploy,
     /// Activation bit width (2 to 8, or 16): unsigned asymmetric codes in [0, 2^b - 1]. Below 8 bits
     /// the export stores them in 8-bit containers with a Clip before QuantizeLinear; 16 bits are
     /// stored as uint16/int16 (opset 21).
@@ -120,14 +163,20 @@ impl Target {
 }
 
 impl QuantConfig {
-    /// The grid of quantized weights.
-    pub fn weight_grid(&self) -> Grid {
+    /// The widest weight grid, in bits, for a layer whose products x86 kernels add in saturating
+    /// 16-bit pairs (`paired`: every Conv but depthwise, Gemm, MatMul) or not.
+    pub fn weight_bits_cap(&self, paired: bool) -> u8 {
+        if self.reduce_range || (paired && self.deploy.pairs_saturate()) {
+            7
+        } else {
+            8
+        }
+    }
+
+    /// The grid of a quantized weight (`paired` as for `weight_bits_cap`).
+    pub fn weight_grid(&self, paired: bool) -> Grid {
         Grid {
-            bits: if self.reduce_range {
-                self.weight_bits.min(7)
-            } else {
-                self.weight_bits
-            },
+            bits: self.weight_bits.min(self.weight_bits_cap(paired)),
             signed: true,
             symmetric: true,
             narrow: true,
@@ -161,6 +210,7 @@ impl Default for QuantConfig {
             per_channel: true,
             weight_bits: 8,
             reduce_range: false,
+            deploy: Deploy::Portable,
             act_bits: 8,
             symmetric_activations: false,
             exclude_nodes: vec![],

@@ -234,8 +234,17 @@ pub fn fallback(
         "--min-agreement needs a classifier (one row of class scores per sample); use --max-loss"
     );
     let holds = |s: &Score| target.holds(s.loss, s.agreement);
-    let below_eight = c.plan.activations.iter().any(|s| s.grid.bits < 8)
-        || c.plan.weights.iter().any(|s| s.grid.bits < 8);
+    // A weight is below 8 bits when it is below the widest grid its target allows (7 bits where the
+    // target's kernels saturate 8-bit pairs).
+    let below = |site: Site| match site {
+        Site::Activation(i) => c.plan.activations[i].grid.bits < 8,
+        Site::Weight(k) => {
+            let w = &c.plan.weights[k];
+            w.grid.bits < config.weight_bits_cap(w.paired)
+        }
+    };
+    let below_eight = (0..c.plan.activations.len()).any(|i| below(Site::Activation(i)))
+        || (0..c.plan.weights.len()).any(|k| below(Site::Weight(k)));
     let units = site_units(&c.plan);
     let site_name = |site: Site| match site {
         Site::Activation(i) => &c.plan.activations[i].tensor,
@@ -252,11 +261,7 @@ pub fn fallback(
     let mut candidates: Vec<(String, String, f64, Apply)> = vec![];
     if below_eight {
         for u in site_units(&c.plan) {
-            let bits = match u.site {
-                Site::Activation(i) => c.plan.activations[i].grid.bits,
-                Site::Weight(k) => c.plan.weights[k].grid.bits,
-            };
-            if bits < 8 {
+            if below(u.site) {
                 let (name, cost) = (site_name(u.site).clone(), cost_of(&u));
                 candidates.push((
                     name,
@@ -413,9 +418,8 @@ fn raised(
         }
         Site::Weight(k) => {
             let site = &c.plan.weights[k];
-            let bits = if config.reduce_range { 7 } else { 8 };
             let grid = Grid {
-                bits: site.grid.bits.max(bits),
+                bits: site.grid.bits.max(config.weight_bits_cap(site.paired)),
                 ..site.grid
             };
             let index = GraphIndex::new(&c.model)?;

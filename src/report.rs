@@ -201,6 +201,15 @@ impl Report {
             self.calibration_samples,
             self.timings.total_ms as f64 / 1000.0
         );
+        let seven = self.weights.iter().filter(|w| w.bits == 7).count();
+        if seven > 0 && self.config.weight_bits == 8 && !self.config.reduce_range {
+            s.push_str(&format!(
+                "\n  {seven} of {} weights on 7 bits for --target {}: x86 without VNNI adds their \
+                 products in saturating 16-bit pairs (--target x86-vnni or arm64 keeps 8 bits)",
+                self.weights.len(),
+                self.config.deploy.name()
+            ));
+        }
         if !self.fusion.is_empty() {
             let integer = self.fusion.iter().filter(|v| v.integer).count();
             s.push_str(&format!(

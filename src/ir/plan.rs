@@ -42,6 +42,9 @@ pub struct WeightSite {
     /// Per-channel axis, `None` for one scale per tensor.
     pub axis: Option<usize>,
     pub grid: Grid,
+    /// Whether x86 kernels without VNNI add this weight's products in saturating 16-bit pairs
+    /// (every Conv but depthwise, Gemm, MatMul): `Deploy` then keeps it on 7 bits.
+    pub paired: bool,
 }
 
 /// An int32 bias of a Conv/Gemm: scale = input scale x weight scale, zero point 0.
@@ -373,12 +376,8 @@ pub fn raise_to_eight_bits(plan: &mut QuantPlan, config: &QuantConfig) {
             site.grid.bits = 8;
         }
     }
-    let bits = config
-        .weight_grid()
-        .bits
-        .max(if config.reduce_range { 7 } else { 8 });
     for site in plan.weights.iter_mut().filter(|s| raised(&s.tensor)) {
-        site.grid.bits = site.grid.bits.max(bits);
+        site.grid.bits = site.grid.bits.max(config.weight_bits_cap(site.paired));
     }
 }
 
@@ -399,6 +398,7 @@ struct WeightUse {
     tensor: String,
     axis: Option<usize>,
     grid: Grid,
+    paired: bool,
 }
 
 impl Planner<'_, '_> {
@@ -510,10 +510,15 @@ impl Planner<'_, '_> {
             }
         }
         let per_channel = self.config.per_channel && group_factor(node, axis) == 1;
+        // A depthwise Conv (one input channel per group) runs in its own kernel, which pairs nothing.
+        let depthwise = node.op_type() == "Conv"
+            && onnx::attr_i(node, "group", 1) > 1
+            && wdims.get(1) == Some(&1);
         let weight = WeightUse {
             tensor: w.into(),
             axis: per_channel.then_some(axis),
-            grid: self.config.weight_grid(),
+            grid: self.config.weight_grid(!depthwise),
+            paired: !depthwise,
         };
         if let Some(reason) = self.weight_conflict(&weight) {
             return Ok(Decision::Float(reason));
@@ -558,13 +563,15 @@ impl Planner<'_, '_> {
                     weights.push(WeightUse {
                         tensor: t.clone(),
                         axis,
-                        grid: self.config.weight_grid(),
+                        grid: self.config.weight_grid(true),
+                        paired: true,
                     });
                 }
                 Some(_) => weights.push(WeightUse {
                     tensor: t.clone(),
                     axis: None,
                     grid: self.config.act_grid(),
+                    paired: false,
                 }),
                 None if self.fragile.contains_key(t.as_str()) => {}
                 None => acts.push(t.as_str()),
@@ -702,6 +709,7 @@ impl Planner<'_, '_> {
             tensor: w.tensor,
             axis: w.axis,
             grid: w.grid,
+            paired: w.paired,
         });
         self.plan.weights.len() - 1
     }

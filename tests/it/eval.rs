@@ -76,7 +76,7 @@ fn eval_agrees_with_onnx_runtime_on_effnet_int8_and_int4() {
     let data = dir.path().join("eval64.npz");
     first_rows(&root().join("work/crops/eval.npz"), 64, &data);
     for (name, extra, fused) in [
-        ("w8a8", &[][..], false),
+        ("w8a8", &["--target", "x86-vnni"][..], false),
         ("w8a8_reduce_range", &["--reduce-range"][..], true),
         (
             "w4a8_int4",

@@ -53,7 +53,9 @@ fn check_every_fixture(
 
 #[test]
 fn every_fixture_per_channel_matches_onnx_runtime_and_fuses() {
-    check_every_fixture(&[], "w8a8", |_| true);
+    // The w8a8 tier was measured on full 8-bit weights; the default target's 7-bit weights are
+    // checked by the per-tensor run below and by `targets`.
+    check_every_fixture(&["--target", "x86-vnni"], "w8a8", |_| true);
 }
 
 #[test]

@@ -10,6 +10,7 @@ mod lapq;
 mod onnx_io;
 mod oracle;
 mod protect;
+mod targets;
 mod transformer;
 
 use std::path::{Path, PathBuf};
