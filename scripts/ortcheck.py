@@ -37,9 +37,12 @@ def check_model(path):
         return False, f"{type(e).__name__}: {e}".strip()
 
 
-def session(path, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, optimized_path=None):
+def session(path, level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL, optimized_path=None, threads=None):
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = threads
     if optimized_path:
         opts.optimized_model_filepath = str(optimized_path)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

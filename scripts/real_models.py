@@ -347,15 +347,6 @@ UNFUSED = ortcheck.ort.GraphOptimizationLevel.ORT_DISABLE_ALL
 FUSED = ortcheck.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 
 
-def session(path, level, threads=None):
-    opts = ortcheck.ort.SessionOptions()
-    opts.graph_optimization_level = level
-    if threads:
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = threads
-    return ortcheck.ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def output_of(sess, output):
     return output or sess.get_outputs()[0].name
 
@@ -390,7 +381,7 @@ def evaluate(path, evaluation, float_outs, metric, output):
     f = np.concatenate(float_outs)  # silero: clips of varying length
     for column, level in (("unfused", UNFUSED), ("fused", FUSED)):
         try:
-            outs = run(session(path, level), evaluation, output)
+            outs = run(ortcheck.session(path, level), evaluation, output)
         except Exception as e:  # ORT raises several types
             result[column], result[column + "_detail"] = float("nan"), f"FAILED: {str(e).splitlines()[0][:80]}"
             continue
@@ -412,7 +403,7 @@ class Latency:
     def __init__(self, float_path, evaluation, output, runs):
         self.samples = evaluation[:LATENCY_SAMPLES]
         self.output, self.runs = output, runs
-        self.float = session(float_path, FUSED, threads=1)
+        self.float = ortcheck.session(float_path, FUSED, threads=1)
 
     def once(self, sess):
         out = output_of(sess, self.output)
@@ -423,7 +414,7 @@ class Latency:
 
     def ratio(self, path):
         try:
-            quant = session(path, FUSED, threads=1)
+            quant = ortcheck.session(path, FUSED, threads=1)
             self.once(self.float), self.once(quant)  # warm-up
             f, q = [], []
             for _ in range(self.runs):
@@ -459,7 +450,7 @@ def best(results, column):
 def compare(name, lapq, out_dir, rng, ort_configs, scale, latency_runs):
     """(rows of the table, verdict line) for one model."""
     path, calib, evaluation, metric, extra, output = prepare(name, rng, scale)
-    float_outs = run(session(path, UNFUSED), evaluation, output)
+    float_outs = run(ortcheck.session(path, UNFUSED), evaluation, output)
     latency = Latency(path, evaluation, output, latency_runs)
     results = []
     data = write_test_data_sets(calib, os.path.join(out_dir, f"{name}_calib"))
