@@ -258,6 +258,7 @@ pub enum MethodArg {
     Entropy,
     Mse,
     Lapq,
+    Auto,
 }
 
 impl From<MethodArg> for Method {
@@ -268,6 +269,7 @@ impl From<MethodArg> for Method {
             MethodArg::Entropy => Method::Entropy,
             MethodArg::Mse => Method::Mse,
             MethodArg::Lapq => Method::Lapq,
+            MethodArg::Auto => Method::Auto,
         }
     }
 }
@@ -342,6 +344,13 @@ impl QuantizeArgs {
                 == (matches!(weight_method, MethodArg::Lapq)
                     && matches!(self.act_method.unwrap_or(self.method), MethodArg::Lapq)),
             "lapq calibrates weights and activations jointly: use --method lapq without \
+             --weight-method/--act-method"
+        );
+        ensure!(
+            matches!(self.method, MethodArg::Auto)
+                == (matches!(weight_method, MethodArg::Auto)
+                    && matches!(self.act_method.unwrap_or(self.method), MethodArg::Auto)),
+            "auto chooses weights and activations together: use --method auto without \
              --weight-method/--act-method"
         );
         ensure!(

@@ -24,6 +24,9 @@ pub enum Method {
     /// LAPQ: Lp initialisation at the p the loss prefers, then Powell's joint search of the clipping
     /// values of every site below 8 bits against the network's loss (weights and activations).
     Lapq,
+    /// Each site's clipping chosen among MinMax, percentiles, entropy and Lp by the network's loss,
+    /// starting from the best single method (weights and activations).
+    Auto,
 }
 
 /// How codes of grids narrower than 8 bits are stored.

@@ -17,6 +17,7 @@ pub mod onnx;
 pub mod oracle;
 pub mod prepare;
 pub mod protect;
+pub mod quantize;
 pub mod report;
 
 use std::path::Path;
@@ -47,6 +48,7 @@ pub fn quantize(job: &Job) -> Result<Report> {
         c.timings,
     );
     report.lapq = c.lapq;
+    report.auto = c.auto;
     report.sensitivity = sensitivity;
     report.fallback = fallback;
     report.warnings = qdq.warnings;
@@ -74,6 +76,8 @@ pub struct Calibrated {
     pub timings: Timings,
     /// What LAPQ did, when it ran.
     pub lapq: Option<joint::LapqReport>,
+    /// What the auto method chose, when it ran.
+    pub auto: Option<quantize::auto::AutoReport>,
 }
 
 /// The stages up to calibration: read, index, plan, data, statistics, calibrate.
@@ -107,12 +111,22 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         labels,
         timings,
         lapq: None,
+        auto: None,
     };
-    if job.quant.act_method == config::Method::Lapq {
-        let (params, report) = joint::lapq(&c, &job.quant, job.progress)?;
-        c.params = params;
-        c.lapq = Some(report);
-        c.timings.lap("lapq");
+    match job.quant.act_method {
+        config::Method::Lapq => {
+            let (params, report) = joint::lapq(&c, &job.quant, job.progress)?;
+            c.params = params;
+            c.lapq = Some(report);
+            c.timings.lap("lapq");
+        }
+        config::Method::Auto => {
+            let (params, report) = quantize::auto::auto(&c, &job.quant, job.progress)?;
+            c.params = params;
+            c.auto = Some(report);
+            c.timings.lap("auto");
+        }
+        _ => {}
     }
     Ok(c)
 }
@@ -362,8 +376,8 @@ fn clipping(method: config::Method, config: &QuantConfig) -> calib::Clipping {
         config::Method::Percentile => calib::Clipping::Percentile(config.percentile),
         config::Method::Entropy => calib::Clipping::Entropy,
         config::Method::Mse => calib::Clipping::Lp(config.lp),
-        // LAPQ starts from MinMax parameters (its oracle's reference) and replaces them.
-        config::Method::Lapq => calib::Clipping::MinMax,
+        // LAPQ and auto start from MinMax parameters (the oracle's reference) and replace them.
+        config::Method::Lapq | config::Method::Auto => calib::Clipping::MinMax,
     }
 }
 
@@ -380,8 +394,19 @@ fn calibrate_params(
         config.weight_method != config::Method::Entropy,
         "entropy is an activation method; weights use minmax, percentile or mse"
     );
-    let act_clip = clipping(config.act_method, config);
-    let weight_clip = clipping(config.weight_method, config);
+    let activations = activation_params(index, plan, stats, clipping(config.act_method, config))?;
+    let weights = weight_params(index, plan, clipping(config.weight_method, config))?;
+    biases.params(plan, activations, weights)
+}
+
+/// Every activation site's parameters with clipping `clip` (graph outputs keep their observed
+/// range), aligned with `plan.activations`.
+pub(crate) fn activation_params(
+    index: &GraphIndex,
+    plan: &QuantPlan,
+    stats: &[Option<RangeStats>],
+    clip: calib::Clipping,
+) -> Result<Vec<QParams>> {
     let mut activations: Vec<QParams> = Vec::with_capacity(plan.activations.len());
     for (i, site) in plan.activations.iter().enumerate() {
         let p = match (&site.range, &stats[i]) {
@@ -390,7 +415,7 @@ fn calibrate_params(
                 let clip = if index.is_graph_output(t) {
                     calib::Clipping::MinMax
                 } else {
-                    act_clip
+                    clip
                 };
                 let (lo, hi) = match clip {
                     calib::Clipping::MinMax => (s.min, s.max),
@@ -410,22 +435,32 @@ fn calibrate_params(
         };
         activations.push(p.with_context(|| format!("activation '{}'", site.tensor))?);
     }
-    let mut weights = Vec::with_capacity(plan.weights.len());
-    for site in &plan.weights {
-        let t = index
-            .constant(&site.tensor)
-            .context("weight is a constant")?
-            .tensor();
-        let p = calib::weight_params(
-            site.grid,
-            &onnx::tensor_f32(t)?,
-            &onnx::tensor_dims(t)?,
-            site.axis,
-            weight_clip,
-        );
-        weights.push(p.with_context(|| format!("weight '{}'", site.tensor))?);
-    }
-    biases.params(plan, activations, weights)
+    Ok(activations)
+}
+
+/// Every weight site's parameters with clipping `clip`, aligned with `plan.weights`.
+pub(crate) fn weight_params(
+    index: &GraphIndex,
+    plan: &QuantPlan,
+    clip: calib::Clipping,
+) -> Result<Vec<QParams>> {
+    plan.weights
+        .iter()
+        .map(|site| {
+            let t = index
+                .constant(&site.tensor)
+                .context("weight is a constant")?
+                .tensor();
+            calib::weight_params(
+                site.grid,
+                &onnx::tensor_f32(t)?,
+                &onnx::tensor_dims(t)?,
+                site.axis,
+                clip,
+            )
+            .with_context(|| format!("weight '{}'", site.tensor))
+        })
+        .collect()
 }
 
 /// A progress bar with ETA on stderr, counting `unit`s of `what`; drawn only on a terminal and when

@@ -97,6 +97,8 @@ pub struct Report {
     pub warnings: Vec<String>,
     /// What LAPQ did (the p grid and its losses, p*, Powell's sweeps, evaluations, time per stage).
     pub lapq: Option<crate::joint::LapqReport>,
+    /// What the auto method chose, when it ran.
+    pub auto: Option<crate::quantize::auto::AutoReport>,
     /// Each site's cost alone, costliest first (with --sensitivity or a target).
     pub sensitivity: Option<Vec<crate::protect::SiteSensitivity>>,
     /// What the accuracy fallback kept float (with --max-loss or --min-agreement).
@@ -175,6 +177,7 @@ impl Report {
             biases_corrected: 0,
             warnings: vec![],
             lapq: None,
+            auto: None,
             sensitivity: None,
             fallback: None,
             fusion: vec![],
@@ -201,6 +204,22 @@ impl Report {
             self.calibration_samples,
             self.timings.total_ms as f64 / 1000.0
         );
+        if let Some(a) = &self.auto {
+            s.push_str(&format!(
+                "\n  auto: started from {} (loss {:.3e}; {}), changed {} of {} sites: loss {:.3e} on {} samples",
+                a.start,
+                a.start_loss,
+                a.methods
+                    .iter()
+                    .map(|(m, l)| format!("{m} {l:.3e}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                a.changed.len(),
+                a.sites,
+                a.final_loss,
+                a.samples
+            ));
+        }
         let seven = self.weights.iter().filter(|w| w.bits == 7).count();
         if seven > 0 && self.config.weight_bits == 8 && !self.config.reduce_range {
             s.push_str(&format!(

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per area.
 
+mod auto;
 mod cli_errors;
 mod data;
 mod effnet;

@@ -1,0 +1,4 @@
+//! The calibration stages that search with the oracle (the layout issue moves LAPQ, bias correction
+//! and the fallback here too).
+
+pub mod auto;
