@@ -83,7 +83,7 @@ pub struct QuantizeArgs {
     pub calib: PathBuf,
     /// Calibration method. Weights follow it for minmax and mse; with the histogram methods
     /// (percentile, entropy) weights keep their exact range, as in ONNX Runtime.
-    #[arg(long, value_enum, default_value_t = MethodArg::Minmax)]
+    #[arg(long, value_enum, default_value_t = MethodArg::Mse)]
     pub method: MethodArg,
     /// Calibration method for weights (minmax, percentile or mse) [default: see --method].
     #[arg(long, value_enum)]

@@ -75,7 +75,12 @@ fn every_fixture_with_symmetric_activations_matches_onnx_runtime() {
             .iter()
             .any(|w| w.as_str().unwrap().contains("read by several nodes"))
     };
-    let checked = check_every_fixture(&["--symmetric-activations"], "w8a8", |r| !shared(r));
+    // The w8a8 tier was measured with MinMax (the default mse clips: rel_rms 0.049 on one fixture).
+    let checked = check_every_fixture(
+        &["--symmetric-activations", "--method", "minmax"],
+        "w8a8",
+        |r| !shared(r),
+    );
     for (name, report, result) in checked {
         if shared(&report) {
             let left = result["fusion"]["float_ops_left"].as_object().unwrap();
