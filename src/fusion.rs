@@ -22,6 +22,9 @@ pub struct Verdict {
     pub kernel: Option<String>,
     /// Why it stays float (`None` when integer).
     pub reason: Option<String>,
+    /// Why the integer kernel can depart from the Q/DQ semantics on some CPUs (`None` when it
+    /// cannot).
+    pub warning: Option<String>,
 }
 
 /// Compute ops with an integer kernel for a DQ -> op -> Q group, and the kernel.
@@ -81,13 +84,44 @@ fn verdict(index: &GraphIndex, node: &NodeProto) -> Verdict {
         Ok(kernel) => (true, Some(kernel), None),
         Err(why) => (false, None, Some(why)),
     };
+    let warning = integer.then(|| saturation(index, node)).flatten();
     Verdict {
         node: onnx::node_label(node),
         op_type: op.to_string(),
         integer,
         kernel,
         reason,
+        warning,
     }
+}
+
+/// Why a fused Conv (but depthwise), MatMul or Gemm can saturate on x86 without VNNI: there the
+/// uint8 x int8 kernels add products in 16-bit pairs, and int8 weights beyond [-64, 64] can overflow
+/// them (ONNX Runtime's own S8-to-U8 conversion uses the same bound).
+fn saturation(index: &GraphIndex, node: &NodeProto) -> Option<String> {
+    let op = node.op_type();
+    if !matches!(op, "Conv" | "MatMul" | "Gemm") {
+        return None;
+    }
+    let weight = node.input.get(1)?;
+    let dq = index
+        .producer(weight)
+        .map(|p| index.node(p))
+        .filter(|p| p.op_type() == "DequantizeLinear")?;
+    let w = index.constant(dq.input.first()?)?.tensor();
+    if w.data_type() != DataType::Int8 as i32 {
+        return None;
+    }
+    let depthwise = crate::ir::depthwise_conv(node, &onnx::tensor_dims(w).ok()?);
+    let largest = onnx::tensor_ints(w).ok()?.iter().map(|c| c.abs()).max()?;
+    (!depthwise && largest > 64).then(|| {
+        format!(
+            "int8 weight '{}' reaches {largest}: on x86 without VNNI its 16-bit pair sums can \
+             saturate and the fused result departs from the Q/DQ semantics (--target portable keeps \
+             such weights within 63)",
+            dq.input[0]
+        )
+    })
 }
 
 /// A DequantizeLinear feeding `node`: its element type and whether it dequantizes a constant.

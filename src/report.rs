@@ -235,6 +235,12 @@ impl Report {
                 "\n  ONNX Runtime's CPU provider runs {integer} of {} nodes on integers (lapq inspect --fusion says why not)",
                 self.fusion.len()
             ));
+            let saturating = self.fusion.iter().filter(|v| v.warning.is_some()).count();
+            if saturating > 0 {
+                s.push_str(&format!(
+                    "\n  warning: {saturating} fused kernels can saturate on x86 without VNNI (lapq inspect --fusion names them)"
+                ));
+            }
         }
         for n in self.skipped.iter().filter(|n| n.op_type != "Constant") {
             s.push_str(&format!(
@@ -376,6 +382,11 @@ pub fn fusion_text(verdicts: &[crate::fusion::Verdict]) -> String {
                     r.as_deref().unwrap_or("")
                 )
             }
+        }
+    }
+    for v in verdicts {
+        if let Some(w) = &v.warning {
+            s += &format!("warning  {} ({}): {w}\n", v.node, v.op_type);
         }
     }
     let integer = verdicts.iter().filter(|v| v.integer).count();

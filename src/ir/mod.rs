@@ -9,4 +9,4 @@ pub use plan::{
     ActivationSite, BiasSite, Decision, Folded, NodeEntry, QuantPlan, RangeSource, SkipReason,
     WeightSite, plan, raise_to_eight_bits,
 };
-pub use policy::{OpClass, op_class};
+pub use policy::{OpClass, depthwise_conv, op_class};

@@ -510,10 +510,7 @@ impl Planner<'_, '_> {
             }
         }
         let per_channel = self.config.per_channel && group_factor(node, axis) == 1;
-        // A depthwise Conv (one input channel per group) runs in its own kernel, which pairs nothing.
-        let depthwise = node.op_type() == "Conv"
-            && onnx::attr_i(node, "group", 1) > 1
-            && wdims.get(1) == Some(&1);
+        let depthwise = super::depthwise_conv(node, &wdims);
         let weight = WeightUse {
             tensor: w.into(),
             axis: per_channel.then_some(axis),

@@ -79,3 +79,10 @@ pub fn weight_axis(node: &NodeProto, weight_rank: usize) -> usize {
 pub fn is_layer(node: &NodeProto) -> bool {
     matches!(op_class(node), Some(OpClass::Linear | OpClass::MatMul))
 }
+
+/// Whether `node` is a depthwise Conv (one input channel per group, `weight_dims[1] == 1`): x86
+/// runs it in a kernel of its own that multiplies to 32 bits, where other Convs, Gemm and MatMul add
+/// uint8 x int8 products in saturating 16-bit pairs without VNNI.
+pub fn depthwise_conv(node: &NodeProto, weight_dims: &[usize]) -> bool {
+    node.op_type() == "Conv" && onnx::attr_i(node, "group", 1) > 1 && weight_dims.get(1) == Some(&1)
+}

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::{check_qdq, fixture, py, py_output, python, quantize_reporting, tempdir};
+use crate::{check_qdq, fixture, lapq, py, py_output, python, quantize_reporting, tempdir};
 
 const TARGETS: [&str; 4] = ["portable", "x86-avx2", "x86-vnni", "arm64"];
 
@@ -50,6 +50,23 @@ fn each_target_loads_and_runs_in_onnx_runtime_with_its_weight_widths() {
             };
             assert_eq!(*code, expected, "{target}: weight {name}");
         }
+        // The fusion check warns exactly where full-range weights meet a pairing kernel.
+        let o = lapq(&["inspect", "--fusion", out.to_str().unwrap(), "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let verdicts: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+        let warned: Vec<&str> = verdicts
+            .as_array()
+            .expect("verdicts")
+            .iter()
+            .filter(|v| !v["warning"].is_null())
+            .map(|v| v["node"].as_str().unwrap())
+            .collect();
+        let expected: &[&str] = if saturating {
+            &[]
+        } else {
+            &["expand", "project"]
+        };
+        assert_eq!(warned, expected, "{target}");
     }
 }
 
