@@ -43,6 +43,7 @@ usage: real_models.py --lapq target/release/lapq [--only a,b] [--out-dir work/re
                       [--ort-configs minmax-pc,entropy-pt-rr] [--samples-scale 0.25] [--latency-runs 10]
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -435,10 +436,11 @@ def parse_ort_config(config):
 def ort_quantize(path, out, calib, config):
     method, per_channel, reduce_range = parse_ort_config(config)
     oq = ortcheck.oq
-    oq.quantize_static(path, out, ListReader(calib), quant_format=oq.QuantFormat.QDQ, per_channel=per_channel,
-                       reduce_range=reduce_range, activation_type=oq.QuantType.QUInt8,
-                       weight_type=oq.QuantType.QInt8,
-                       calibrate_method=getattr(oq.CalibrationMethod, ORT_METHODS[method]))
+    with contextlib.redirect_stdout(sys.stderr):  # its calibrators print progress: keep the table clean
+        oq.quantize_static(path, out, ListReader(calib), quant_format=oq.QuantFormat.QDQ,
+                           per_channel=per_channel, reduce_range=reduce_range,
+                           activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8,
+                           calibrate_method=getattr(oq.CalibrationMethod, ORT_METHODS[method]))
 
 
 def best(results, column):
