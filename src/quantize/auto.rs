@@ -125,7 +125,7 @@ pub fn auto(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
     for site in &searched {
         let tail = oracle.focus(site.slot(c), &params)?;
         let mut best_here: Option<(usize, f64, Params)> = None;
-        for (k, _) in site.candidates(&acts, &weights).iter().enumerate() {
+        for k in 0..site.candidates(&acts, &weights).len() {
             let Some(candidate) = site.with(c, &params, &acts, &weights, k)? else {
                 continue;
             };
@@ -180,15 +180,16 @@ fn searched_sites(
     acts: &[Vec<QParams>],
     weights: &[Vec<QParams>],
 ) -> Vec<Searched> {
-    let distinct = |options: Vec<&QParams>| options.iter().any(|p| *p != options[0]);
     let a = (0..c.plan.activations.len())
         .filter(|&i| matches!(c.plan.activations[i].range, RangeSource::Observed(_)))
-        .filter(|&i| distinct(acts.iter().map(|v| &v[i]).collect()))
         .map(Searched::Activation);
-    let w = (0..c.plan.weights.len())
-        .filter(|&k| distinct(weights.iter().map(|v| &v[k]).collect()))
-        .map(Searched::Weight);
-    a.chain(w).collect()
+    let w = (0..c.plan.weights.len()).map(Searched::Weight);
+    a.chain(w)
+        .filter(|s| {
+            let options = s.candidates(acts, weights);
+            options.iter().any(|p| *p != options[0])
+        })
+        .collect()
 }
 
 impl Searched {
