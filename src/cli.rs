@@ -339,20 +339,16 @@ impl QuantizeArgs {
             MethodArg::Percentile | MethodArg::Entropy => MethodArg::Minmax,
             m => m,
         });
-        ensure!(
-            matches!(self.method, MethodArg::Lapq)
-                == (matches!(weight_method, MethodArg::Lapq)
-                    && matches!(self.act_method.unwrap_or(self.method), MethodArg::Lapq)),
-            "lapq calibrates weights and activations jointly: use --method lapq without \
-             --weight-method/--act-method"
-        );
-        ensure!(
-            matches!(self.method, MethodArg::Auto)
-                == (matches!(weight_method, MethodArg::Auto)
-                    && matches!(self.act_method.unwrap_or(self.method), MethodArg::Auto)),
-            "auto chooses weights and activations together: use --method auto without \
-             --weight-method/--act-method"
-        );
+        // lapq and auto set weights and activations together: neither mixes with a per-role method.
+        let act_method = self.act_method.unwrap_or(self.method);
+        for (joint, name) in [(MethodArg::Lapq, "lapq"), (MethodArg::Auto, "auto")] {
+            let is = |m: MethodArg| std::mem::discriminant(&m) == std::mem::discriminant(&joint);
+            ensure!(
+                is(weight_method) == is(act_method),
+                "{name} sets weights and activations together: use --method {name} without \
+                 --weight-method/--act-method"
+            );
+        }
         ensure!(
             !matches!(weight_method, MethodArg::Entropy),
             "--weight-method entropy: entropy is an activation method (it needs a histogram of many \

@@ -406,3 +406,26 @@ fn non_finite_calibration_data() {
         "{err}"
     );
 }
+
+/// lapq and auto set weights and activations together: one of them for a single role is refused
+/// (it used to run silently for both, or not at all).
+#[test]
+fn joint_methods_for_one_role_are_refused() {
+    let dir = tempdir();
+    let (model, calib) = (
+        fixture("classifier").join("model.onnx"),
+        fixture("classifier").join("calib.npz"),
+    );
+    for options in [
+        &["--act-method", "auto"][..],
+        &["--weight-method", "lapq"][..],
+        &["--method", "lapq", "--act-method", "mse"][..],
+        &["--method", "auto", "--weight-method", "minmax"][..],
+    ] {
+        let err = fails_with(&model, &dir.path().join("q.onnx"), &calib, options);
+        assert!(
+            err.contains("sets weights and activations together"),
+            "{options:?}: {err}"
+        );
+    }
+}
