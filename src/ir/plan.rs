@@ -111,6 +111,10 @@ pub enum Fragile {
     /// Feeds a square root or a divisor (normalisation statistics): a value near zero would round to
     /// zero or jump a whole step.
     RootOrDivisor,
+    /// Feeds a layer normalisation: in trained transformers the residual stream, and the branch
+    /// outputs added into it, carry a few outlier channels hundreds of times larger than the rest,
+    /// so that one scale per tensor rounds every other channel to a handful of codes.
+    NormalisationInput,
 }
 
 impl fmt::Display for Fragile {
@@ -118,6 +122,7 @@ impl fmt::Display for Fragile {
         f.write_str(match self {
             Fragile::SoftmaxInput => "a softmax input",
             Fragile::RootOrDivisor => "a square root's input or a divisor",
+            Fragile::NormalisationInput => "a layer normalisation's input (the residual stream)",
         })
     }
 }
@@ -737,10 +742,14 @@ const ELEMENTWISE: &[&str] = &[
     "Where",
 ];
 
-/// Softmax inputs and normalisation statistics (square-root inputs and divisors), and what computes
-/// them through element-wise arithmetic, back to the first MatMul or other producer. Only tensors an
-/// element-wise op or a MatMul writes are returned: a Conv/Gemm/Concat output keeps its quantization
-/// so that it fuses.
+/// Softmax inputs, normalisation statistics (square-root inputs and divisors) and layer
+/// normalisation inputs, and what computes them through element-wise arithmetic, back to the first
+/// MatMul or other producer. Only tensors an element-wise op or a MatMul writes are returned: a
+/// Conv/Gemm/Concat output keeps its quantization so that it fuses.
+///
+/// A layer normalisation's input is followed back only through tensors read by one node: the branch
+/// (bias Add, MatMul) that a residual Add adds in, not the skip input, which the branch's own
+/// MatMuls read quantized.
 fn fragile_tensors(index: &GraphIndex) -> HashMap<String, Fragile> {
     let graph = index.graph;
     let mut seeds: Vec<(&str, Fragile)> = vec![];
@@ -757,6 +766,12 @@ fn fragile_tensors(index: &GraphIndex) -> HashMap<String, Fragile> {
             "Div" => input(1)
                 .filter(|t| index.constant(t).is_none())
                 .map(|t| (t, Fragile::RootOrDivisor)),
+            "LayerNormalization" | "SimplifiedLayerNormalization" => {
+                input(0).map(|t| (t, Fragile::NormalisationInput))
+            }
+            "ReduceMean" => input(0)
+                .filter(|&t| subtracts_own_mean(index, node, t))
+                .map(|t| (t, Fragile::NormalisationInput)),
             _ => None,
         };
         seeds.extend(seed);
@@ -778,11 +793,22 @@ fn fragile_tensors(index: &GraphIndex) -> HashMap<String, Fragile> {
                     .input
                     .iter()
                     .filter(|t| !t.is_empty() && index.constant(t).is_none())
+                    .filter(|t| why != Fragile::NormalisationInput || index.consumers(t).len() == 1)
                     .map(|t| (t.as_str(), why)),
             );
         }
     }
     fragile
+}
+
+/// Whether `mean = ReduceMean(x)` is subtracted from `x` itself: a decomposed layer normalisation.
+fn subtracts_own_mean(index: &GraphIndex, mean: &onnx::NodeProto, x: &str) -> bool {
+    mean.output.first().is_some_and(|m| {
+        index.consumers(m).iter().any(|&c| {
+            let sub = index.node(c);
+            sub.op_type() == "Sub" && sub.input.first().is_some_and(|a| a == x)
+        })
+    })
 }
 
 /// How a Conv's or Gemm's weight meets its input, when bias correction handles the layer: Gemm, and
