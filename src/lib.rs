@@ -191,6 +191,15 @@ pub fn oracle(c: &Calibrated, n: usize, batch: usize) -> Result<oracle::Oracle> 
     )
 }
 
+/// The name tract gives an ONNX node: its own, or else its first output's.
+fn tract_name(node: &onnx::NodeProto) -> String {
+    if node.name().is_empty() {
+        node.output.first().cloned().unwrap_or_default()
+    } else {
+        node.name().to_string()
+    }
+}
+
 /// The oracle's sites for a calibrated run's plan, aligned with its `Params`.
 pub fn oracle_sites(c: &Calibrated) -> Result<oracle::Sites> {
     let index = GraphIndex::new(&c.model)?;
@@ -202,6 +211,27 @@ pub fn oracle_sites(c: &Calibrated) -> Result<oracle::Sites> {
             .map(|a| a.tensor.clone())
             .collect(),
         weights: c.plan.weights.iter().map(|w| w.tensor.clone()).collect(),
+        weight_readers: c
+            .plan
+            .weights
+            .iter()
+            .map(|w| {
+                index
+                    .consumers(&w.tensor)
+                    .iter()
+                    .flat_map(|&n| {
+                        let node = index.node(n);
+                        node.input
+                            .iter()
+                            .filter(|t| !t.is_empty())
+                            .enumerate()
+                            .filter(|(_, t)| **t == w.tensor)
+                            .map(|(k, _)| (tract_name(node), k))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
+            })
+            .collect(),
         biases: c
             .plan
             .biases
@@ -209,11 +239,7 @@ pub fn oracle_sites(c: &Calibrated) -> Result<oracle::Sites> {
             .map(|b| {
                 let node = index.node(b.node);
                 oracle::BiasSite {
-                    node: if node.name().is_empty() {
-                        node.output[0].clone()
-                    } else {
-                        node.name().to_string()
-                    },
+                    node: tract_name(node),
                     // Conv, ConvTranspose and Gemm read their bias as input 2 (the policy's Linear class).
                     slot: 2,
                     input: b.input,

@@ -240,6 +240,11 @@ impl Plans {
         }
     }
 
+    /// Plans built so far (one per input shape).
+    fn len(&self) -> usize {
+        self.cache.lock().map_or(0, |c| c.len())
+    }
+
     /// The template kept in memory.
     fn kept(&self) -> Result<&InferenceModel> {
         match &self.template {

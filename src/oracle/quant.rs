@@ -42,6 +42,10 @@ pub struct Sites {
     pub activations: Vec<String>,
     /// Constants (initializers or `Constant` outputs).
     pub weights: Vec<String>,
+    /// Per weight, the nodes that read it and where: (node name in tract, index among the node's
+    /// non-empty inputs). tract merges constants of equal value into one node, so only these inputs
+    /// may see the weight's fake quantization; the other readers of the merged constant keep it float.
+    pub weight_readers: Vec<Vec<(String, usize)>>,
     pub biases: Vec<BiasSite>,
 }
 
@@ -510,8 +514,22 @@ pub struct QuantModel {
     table: Arc<Table>,
     /// The fake-quantization node of each slot in the prepared model.
     fq_nodes: Vec<usize>,
-    /// The head and tail models of every slot focused on so far (their plans are built once).
+    /// The head and tail models of the slots focused on so far, while their plans fit in
+    /// `tail_plans`: a later focus on the same slot reuses them. Slots beyond are split again on
+    /// each focus (searches visit their slots in cycles, so evicting old ones would only thrash).
     tails: Mutex<HashMap<usize, Arc<TailModels>>>,
+    /// How many head and tail plans `tails` may hold: each holds its part of the weights again, once
+    /// per input shape, so a large model with many sequence lengths caches few slots.
+    tail_plans: usize,
+}
+
+/// Memory the cached head and tail plans may take, counting twice the ONNX file per plan.
+const TAIL_CACHE_BYTES: u64 = 6 << 30;
+
+impl TailModels {
+    fn plans(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
 }
 
 /// A slot's split of the network: the head computes the values entering the part downstream of the
@@ -545,8 +563,35 @@ impl QuantModel {
         };
         let mut fq_nodes = vec![];
         for (slot, name) in sites.activations.iter().chain(&sites.weights).enumerate() {
-            let outlet = find_outlet(&model, name)?;
-            let successors = model.outlet_successors(outlet).to_vec();
+            let readers = slot
+                .checked_sub(activations)
+                .and_then(|w| sites.weight_readers.get(w))
+                .filter(|r| !r.is_empty());
+            let (outlet, successors) = match readers {
+                Some(readers) => {
+                    let inlets = readers
+                        .iter()
+                        .map(|(node, k)| {
+                            let id = model
+                                .node_id_by_name(node)
+                                .with_context(|| format!("node '{node}' not in tract's graph"))?;
+                            Ok(InletId::new(id, *k))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    let outlet = *model
+                        .node(inlets[0].node)
+                        .inputs
+                        .get(inlets[0].slot)
+                        .with_context(|| {
+                            format!("weight '{name}' is not an input of its reader")
+                        })?;
+                    (outlet, inlets)
+                }
+                None => {
+                    let outlet = find_outlet(&model, name)?;
+                    (outlet, model.outlet_successors(outlet).to_vec())
+                }
+            };
             let fq = model.add_node(
                 format!("lapq.fq.{slot}.{name}"),
                 op(slot),
@@ -593,6 +638,9 @@ impl QuantModel {
             table,
             fq_nodes,
             tails: Mutex::new(HashMap::new()),
+            tail_plans: (TAIL_CACHE_BYTES
+                / (2 * std::fs::metadata(path).map_or(1, |m| m.len())).max(1))
+                as usize,
         })
     }
 
@@ -628,6 +676,20 @@ impl QuantModel {
         observer: Arc<Observer>,
         parts: usize,
     ) -> Result<Params> {
+        let shape = |s: &Sample| {
+            s.inputs
+                .iter()
+                .map(|t| t.dims.get(1..).unwrap_or(&[]).to_vec())
+                .collect::<Vec<_>>()
+        };
+        if let Some(odd) = samples.iter().find(|s| shape(s) != shape(&samples[0])) {
+            bail!(
+                "the layer-wise calibration runs its samples as one batch, but sample '{}' differs in \
+                 shape from sample '{}' (pad the calibration samples to one length, or use --method mse)",
+                odd.origin,
+                samples[0].origin
+            );
+        }
         // Equal parts run the same plan, so every part meets the sites in the same order.
         let parts = match parts.min(samples.len()) {
             k if k > 1 && samples.len().is_multiple_of(k) => k,
@@ -735,7 +797,25 @@ impl QuantModel {
         for (values, _) in &cache {
             models.tail.get(&value_facts(values))?;
         }
+        self.keep_within_budget(slot, &models)?;
         Ok(Tail { models, cache })
+    }
+
+    /// Forgets `slot`'s tail models if the cached plans, now that its own are built, exceed the
+    /// budget, or if the samples come in several shapes: measured on a sentence encoder with eight
+    /// sequence lengths, caching those grew memory without bound (24 GB within 90 s), while building
+    /// them again on each focus stays at the model's own size.
+    fn keep_within_budget(&self, slot: usize, models: &TailModels) -> Result<()> {
+        let mut tails = self
+            .tails
+            .lock()
+            .map_err(|_| anyhow!("tail cache poisoned"))?;
+        if models.head.len() > 1
+            || tails.values().map(|t| t.plans()).sum::<usize>() > self.tail_plans
+        {
+            tails.remove(&slot);
+        }
+        Ok(())
     }
 
     /// The head and tail models of `slot`, split once and kept for later focus on the same slot.
@@ -819,7 +899,9 @@ impl QuantModel {
             head: Plans::new(head, self.builds.clone()),
             tail: Plans::new(tail, self.builds.clone()),
         });
-        tails.insert(slot, models.clone());
+        if tails.values().map(|t| t.plans()).sum::<usize>() < self.tail_plans {
+            tails.insert(slot, models.clone());
+        }
         Ok(models)
     }
 

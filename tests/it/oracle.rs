@@ -124,6 +124,7 @@ fn oracle_matches_onnx_runtime_unfused_on_fixtures() {
         "classifier",
         "constant_nodes",
         "unsupported_op",
+        "attention",
     ] {
         let base = |per_channel, weight_bits, act_bits, container, method| QuantConfig {
             per_channel,
@@ -162,6 +163,11 @@ fn oracle_matches_onnx_runtime_unfused_on_fixtures() {
                 ..base(true, 8, 16, Container::Int8, Method::Entropy)
             },
         ] {
+            // The encoder layer keeps Erf, Softmax and its normalisations float: tract's and ONNX
+            // Runtime's float kernels for them differ by more than one 16-bit step.
+            if name == "attention" && quant.act_bits == 16 {
+                continue;
+            }
             let what = format!(
                 "{name} per_channel={} w{}a{} {:?} {:?} symmetric={} reduce_range={}",
                 quant.per_channel,

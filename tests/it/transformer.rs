@@ -2,7 +2,9 @@
 //! variance and the residual stream feeding each LayerNorm stay float by default (and that is what
 //! keeps the model close to float).
 
-use crate::{check_qdq, fixture, py, py_output, quantize_reporting, site_tensors, tempdir};
+use crate::{
+    check_qdq, fixture, py, py_output, quantize_reporting, run_quantize, site_tensors, tempdir,
+};
 
 fn report_and_check(extra: &[&str]) -> (serde_json::Value, serde_json::Value) {
     let dir = tempdir();
@@ -120,4 +122,32 @@ fn calibration_sequences_of_different_lengths_work() {
         dims.trim(),
         "[['batch', 'sequence'], ['batch', 'sequence']]"
     );
+
+    // The auto method's single-site tails run samples of every shape (their plans are not cached
+    // then, see the oracle).
+    let auto = dir.path().join("auto.onnx");
+    let r = quantize_reporting(&model, &auto, &sets, &["--method", "auto"]);
+    assert!(
+        r["auto"]["final_loss"].as_f64().unwrap() <= r["auto"]["start_loss"].as_f64().unwrap(),
+        "{}",
+        r["auto"]
+    );
+    check_qdq(
+        &model,
+        &auto,
+        &fixture("attention").join("calib.npz"),
+        "w8a8",
+        "MatMul",
+    );
+    // LAPQ's layer-wise initialisation needs one batch of equal shapes: it says so, and writes nothing.
+    let lapq_out = dir.path().join("lapq.onnx");
+    let o = run_quantize(&model, &lapq_out, &sets, &["--method", "lapq", "-q"]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("differs in shape from sample") && stderr.contains("test_data_set_"),
+        "{stderr}"
+    );
+    assert!(!lapq_out.exists());
 }
