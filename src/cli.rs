@@ -216,8 +216,9 @@ pub struct PlanArgs {
     #[arg(long)]
     pub float_last_layer: bool,
     /// Also quantize softmax inputs and normalisation statistics (attention scores with their mask,
-    /// LayerNorm's variance), which by default stay float where MatMul or element-wise arithmetic
-    /// computes them (ONNX Runtime's quantize_static quantizes them)
+    /// LayerNorm's variance) and the residual stream (the sums into each LayerNorm), which by default
+    /// stay float where MatMul or element-wise arithmetic computes them (ONNX Runtime's quantize_static
+    /// quantizes them)
     #[arg(long)]
     pub quantize_fragile: bool,
 }
