@@ -31,20 +31,6 @@ def rows(npz):
     return [{k: v[i:i + 1] for k, v in data.items()} for i in range(n)]
 
 
-def ort_quantize(path, out, calib, config):
-    """ONNX Runtime's quantize_static as real_models runs it, except that its calibrator folds the
-    collected tensors into its statistics every 16 samples (CalibMaxIntermediateOutputs): with all
-    256 samples' tensors held at once it needs more than this machine's 24 GB."""
-    method, per_channel, reduce_range = rm.parse_ort_config(config)
-    oq = rm.ortcheck.oq
-    with rm.contextlib.redirect_stdout(sys.stderr):
-        oq.quantize_static(path, out, rm.ListReader(calib), quant_format=oq.QuantFormat.QDQ,
-                           per_channel=per_channel, reduce_range=reduce_range,
-                           activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8,
-                           calibrate_method=getattr(oq.CalibrationMethod, rm.ORT_METHODS[method]),
-                           extra_options={"CalibMaxIntermediateOutputs": 16})
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lapq", required=True)
@@ -63,7 +49,9 @@ def main():
     for config in ORT_CONFIGS:
         out = os.path.join(args.out_dir, f"ort.{config}.onnx")
         start = time.time()
-        ort_quantize(args.model, out, calib, config)
+        # the calibrator folds what it collected into its statistics every 16 samples: holding all 256
+        # samples' tensors at once needs more than this machine's 24 GB
+        rm.ort_quantize(args.model, out, calib, config, {"CalibMaxIntermediateOutputs": 16})
         results.append((f"ORT {config}", time.time() - start, out))
     for i, flags in enumerate([""] + args.lapq_flags):
         out = os.path.join(args.out_dir, f"lapq{i}.onnx")

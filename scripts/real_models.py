@@ -433,14 +433,16 @@ def parse_ort_config(config):
     return parts[0], parts[1] == "pc", len(parts) == 3
 
 
-def ort_quantize(path, out, calib, config):
+def ort_quantize(path, out, calib, config, extra_options=None):
+    """quantize_static in one of ORT_CONFIGS, QDQ, uint8 activations, int8 weights."""
     method, per_channel, reduce_range = parse_ort_config(config)
     oq = ortcheck.oq
     with contextlib.redirect_stdout(sys.stderr):  # its calibrators print progress: keep the table clean
         oq.quantize_static(path, out, ListReader(calib), quant_format=oq.QuantFormat.QDQ,
                            per_channel=per_channel, reduce_range=reduce_range,
                            activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8,
-                           calibrate_method=getattr(oq.CalibrationMethod, ORT_METHODS[method]))
+                           calibrate_method=getattr(oq.CalibrationMethod, ORT_METHODS[method]),
+                           extra_options=extra_options or {})
 
 
 def best(results, column):
