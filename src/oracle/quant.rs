@@ -514,22 +514,11 @@ pub struct QuantModel {
     table: Arc<Table>,
     /// The fake-quantization node of each slot in the prepared model.
     fq_nodes: Vec<usize>,
-    /// The head and tail models of the slots focused on so far, while their plans fit in
-    /// `tail_plans`: a later focus on the same slot reuses them. Slots beyond are split again on
-    /// each focus (searches visit their slots in cycles, so evicting old ones would only thrash).
+    /// The head and tail models of every slot focused on so far on samples of one shape (their plans
+    /// are built once). With several shapes nothing is kept: measured on a sentence encoder with
+    /// eight sequence lengths, keeping them grew memory without bound (24 GB within 90 s), while
+    /// splitting again on each focus stays at the model's own size.
     tails: Mutex<HashMap<usize, Arc<TailModels>>>,
-    /// How many head and tail plans `tails` may hold: each holds its part of the weights again, once
-    /// per input shape, so a large model with many sequence lengths caches few slots.
-    tail_plans: usize,
-}
-
-/// Memory the cached head and tail plans may take, counting twice the ONNX file per plan.
-const TAIL_CACHE_BYTES: u64 = 6 << 30;
-
-impl TailModels {
-    fn plans(&self) -> usize {
-        self.head.len() + self.tail.len()
-    }
 }
 
 /// A slot's split of the network: the head computes the values entering the part downstream of the
@@ -563,13 +552,16 @@ impl QuantModel {
         };
         let mut fq_nodes = vec![];
         for (slot, name) in sites.activations.iter().chain(&sites.weights).enumerate() {
-            let readers = slot
-                .checked_sub(activations)
-                .and_then(|w| sites.weight_readers.get(w))
-                .filter(|r| !r.is_empty());
-            let (outlet, successors) = match readers {
-                Some(readers) => {
-                    let inlets = readers
+            let (outlet, successors) = match slot.checked_sub(activations) {
+                None => {
+                    let outlet = find_outlet(&model, name)?;
+                    (outlet, model.outlet_successors(outlet).to_vec())
+                }
+                Some(w) => {
+                    let inlets = sites
+                        .weight_readers
+                        .get(w)
+                        .map_or(&[][..], Vec::as_slice)
                         .iter()
                         .map(|(node, k)| {
                             let id = model
@@ -578,18 +570,18 @@ impl QuantModel {
                             Ok(InletId::new(id, *k))
                         })
                         .collect::<Result<Vec<_>>>()?;
-                    let outlet = *model
-                        .node(inlets[0].node)
-                        .inputs
-                        .get(inlets[0].slot)
-                        .with_context(|| {
-                            format!("weight '{name}' is not an input of its reader")
-                        })?;
+                    let first = inlets
+                        .first()
+                        .with_context(|| format!("weight '{name}' has no reader"))?;
+                    let outlet =
+                        *model
+                            .node(first.node)
+                            .inputs
+                            .get(first.slot)
+                            .with_context(|| {
+                                format!("weight '{name}' is not an input of its reader")
+                            })?;
                     (outlet, inlets)
-                }
-                None => {
-                    let outlet = find_outlet(&model, name)?;
-                    (outlet, model.outlet_successors(outlet).to_vec())
                 }
             };
             let fq = model.add_node(
@@ -638,9 +630,6 @@ impl QuantModel {
             table,
             fq_nodes,
             tails: Mutex::new(HashMap::new()),
-            tail_plans: (TAIL_CACHE_BYTES
-                / (2 * std::fs::metadata(path).map_or(1, |m| m.len())).max(1))
-                as usize,
         })
     }
 
@@ -676,13 +665,10 @@ impl QuantModel {
         observer: Arc<Observer>,
         parts: usize,
     ) -> Result<Params> {
-        let shape = |s: &Sample| {
-            s.inputs
-                .iter()
-                .map(|t| t.dims.get(1..).unwrap_or(&[]).to_vec())
-                .collect::<Vec<_>>()
-        };
-        if let Some(odd) = samples.iter().find(|s| shape(s) != shape(&samples[0])) {
+        if let Some(odd) = samples
+            .iter()
+            .find(|s| shape_key(s) != shape_key(&samples[0]))
+        {
             bail!(
                 "the layer-wise calibration runs its samples as one batch, but sample '{}' differs in \
                  shape from sample '{}' (pad the calibration samples to one length, or use --method mse)",
@@ -797,36 +783,25 @@ impl QuantModel {
         for (values, _) in &cache {
             models.tail.get(&value_facts(values))?;
         }
-        self.keep_within_budget(slot, &models)?;
+        if models.head.len() == 1 {
+            self.tails
+                .lock()
+                .map_err(|_| anyhow!("tail cache poisoned"))?
+                .insert(slot, models.clone());
+        }
         Ok(Tail { models, cache })
     }
 
-    /// Forgets `slot`'s tail models if the cached plans, now that its own are built, exceed the
-    /// budget, or if the samples come in several shapes: measured on a sentence encoder with eight
-    /// sequence lengths, caching those grew memory without bound (24 GB within 90 s), while building
-    /// them again on each focus stays at the model's own size.
-    fn keep_within_budget(&self, slot: usize, models: &TailModels) -> Result<()> {
-        let mut tails = self
-            .tails
-            .lock()
-            .map_err(|_| anyhow!("tail cache poisoned"))?;
-        if models.head.len() > 1
-            || tails.values().map(|t| t.plans()).sum::<usize>() > self.tail_plans
-        {
-            tails.remove(&slot);
-        }
-        Ok(())
-    }
-
-    /// The head and tail models of `slot`, split once and kept for later focus on the same slot.
+    /// The head and tail models of `slot`: the cached ones, or split anew (`tail` caches them).
     fn tail_models(&self, slot: usize) -> Result<Arc<TailModels>> {
-        let mut tails = self
+        let tails = self
             .tails
             .lock()
             .map_err(|_| anyhow!("tail cache poisoned"))?;
         if let Some(t) = tails.get(&slot) {
             return Ok(t.clone());
         }
+        drop(tails);
         let template = self.plans.kept()?;
         let focus = *self.fq_nodes.get(slot).context("no such site")?;
         let order = template.eval_order()?;
@@ -899,9 +874,6 @@ impl QuantModel {
             head: Plans::new(head, self.builds.clone()),
             tail: Plans::new(tail, self.builds.clone()),
         });
-        if tails.values().map(|t| t.plans()).sum::<usize>() < self.tail_plans {
-            tails.insert(slot, models.clone());
-        }
         Ok(models)
     }
 
@@ -1046,18 +1018,23 @@ fn split_rows(outputs: TVec<TValue>, rows: &[usize]) -> Result<Vec<SampleOutputs
     Ok(per_sample)
 }
 
+/// A sample's input shapes beyond axis 0: samples with equal keys batch together.
+fn shape_key(s: &Sample) -> Vec<Vec<usize>> {
+    s.inputs
+        .iter()
+        .map(|t| t.dims.get(1..).unwrap_or(&[]).to_vec())
+        .collect()
+}
+
 /// Consecutive samples with equal input shapes (beyond axis 0), at most `batch` per group.
 fn batches(samples: &[Sample], batch: usize) -> Vec<std::ops::Range<usize>> {
-    let key = |s: &Sample| {
-        s.inputs
-            .iter()
-            .map(|t| t.dims.get(1..).unwrap_or(&[]).to_vec())
-            .collect::<Vec<_>>()
-    };
     let mut groups = vec![];
     let mut start = 0;
     for i in 1..=samples.len() {
-        if i == samples.len() || i - start == batch || key(&samples[i]) != key(&samples[start]) {
+        if i == samples.len()
+            || i - start == batch
+            || shape_key(&samples[i]) != shape_key(&samples[start])
+        {
             groups.push(start..i);
             start = i;
         }
