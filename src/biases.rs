@@ -2,7 +2,7 @@
 //! its quantized weights add to its output channels (maths in `calib::bias`), before the bias is
 //! quantized to int32. Used by every method's calibration and inside LAPQ's loss.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, ensure};
 
@@ -88,9 +88,23 @@ impl Biases {
         &self,
         plan: &QuantPlan,
         activations: Vec<QParams>,
-        mut weights: Vec<QParams>,
+        weights: Vec<QParams>,
     ) -> Result<Params> {
-        let mut bias_values = self.corrected_values(plan, &weights)?;
+        self.params_rounded(plan, activations, weights, vec![])
+    }
+
+    /// `params` for weights of which some have values chosen by rounding with error feedback
+    /// (`Params::weight_values`): their biases are corrected for those values. An output channel whose
+    /// scale the overflow guard enlarges (one of near-zero weights) rounds its chosen values to its
+    /// new grid.
+    pub(crate) fn params_rounded(
+        &self,
+        plan: &QuantPlan,
+        activations: Vec<QParams>,
+        mut weights: Vec<QParams>,
+        weight_values: Vec<Option<Arc<[f32]>>>,
+    ) -> Result<Params> {
+        let mut bias_values = self.corrected_values(plan, &weights, &weight_values)?;
         let mut guarded = false;
         for (b, values) in plan.biases.iter().zip(&bias_values) {
             guarded |= calib::guard_bias_overflow(
@@ -101,7 +115,7 @@ impl Biases {
         }
         if guarded {
             // The corrections of the (rare) weights the guard coarsened.
-            bias_values = self.corrected_values(plan, &weights)?;
+            bias_values = self.corrected_values(plan, &weights, &weight_values)?;
         }
         let biases = plan
             .biases
@@ -113,11 +127,17 @@ impl Biases {
             weights,
             biases,
             bias_values,
+            weight_values,
         })
     }
 
     /// Each site's float bias plus the shift that cancels its layer's weight quantization.
-    fn corrected_values(&self, plan: &QuantPlan, weights: &[QParams]) -> Result<Vec<Vec<f32>>> {
+    fn corrected_values(
+        &self,
+        plan: &QuantPlan,
+        weights: &[QParams],
+        rounded: &[Option<Arc<[f32]>>],
+    ) -> Result<Vec<Vec<f32>>> {
         let mut cache = self
             .cache
             .lock()
@@ -129,8 +149,14 @@ impl Biases {
                 continue;
             };
             let p = &weights[b.weight];
-            let shift = match &cache[k] {
-                Some((cached, shift)) if cached == p => shift.clone(),
+            let chosen = rounded.get(b.weight).and_then(|v| v.as_deref());
+            let shift = match (&cache[k], chosen) {
+                (_, Some(values)) => {
+                    let mut w_hat = values.to_vec();
+                    p.fake_quant_in_place(&mut w_hat, &c.wdims);
+                    mean_shift(&c.window, &c.wdims, &c.weights, &w_hat, &c.means)
+                }
+                (Some((cached, shift)), None) if cached == p => shift.clone(),
                 _ => {
                     let mut w_hat = c.weights.clone();
                     p.fake_quant_in_place(&mut w_hat, &c.wdims);

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use lapq::config::{
     ChannelOrder, Container, DataConfig, Deploy, ImageConfig, Job, Layout, Method, QuantConfig,
+    Rounding,
 };
 
 /// Post-training quantization of float ONNX models into QDQ ONNX models for ONNX Runtime.
@@ -114,6 +115,11 @@ pub struct QuantizeArgs {
     /// quantized weights add to the output channels).
     #[arg(long)]
     pub no_bias_correction: bool,
+    /// How weight codes are chosen. gptq: rounding with error feedback (GPTQ) for Conv and Gemm
+    /// weights below 8 bits (the 7-bit weights of --target portable, --wbits below 8), from their
+    /// inputs' correlations over the calibration data; nearest: every value to its nearest code.
+    #[arg(long, value_enum, default_value_t = RoundingArg::Gptq)]
+    pub rounding: RoundingArg,
     /// Class labels of the calibration samples, one integer per line in the data's order: LAPQ's
     /// loss becomes cross-entropy against them (default: divergence from the float model).
     #[arg(long, value_name = "FILE")]
@@ -282,6 +288,12 @@ pub enum ContainerArg {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RoundingArg {
+    Nearest,
+    Gptq,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum DeployArg {
     Portable,
     X86Avx2,
@@ -385,6 +397,10 @@ impl QuantizeArgs {
                 lapq_samples: self.lapq_samples,
                 lapq_8bit: self.lapq_8bit,
                 bias_correction: !self.no_bias_correction,
+                rounding: match self.rounding {
+                    RoundingArg::Nearest => Rounding::Nearest,
+                    RoundingArg::Gptq => Rounding::Gptq,
+                },
                 sensitivity: self.sensitivity,
                 target,
                 ..self.plan.to_config()

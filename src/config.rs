@@ -30,6 +30,19 @@ pub enum Method {
     Auto,
 }
 
+/// How each weight's codes are chosen once its scale is fixed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rounding {
+    /// Every value to its nearest code.
+    Nearest,
+    /// GPTQ's rounding with error feedback, for Conv (ungrouped) and Gemm weights below 8 bits that
+    /// have a bias: each column's rounding error moves onto the columns not yet rounded, weighted by
+    /// how the layer's calibration inputs correlate. 8-bit weights round to nearest.
+    #[default]
+    Gptq,
+}
+
 /// How codes of grids narrower than 8 bits are stored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -108,6 +121,8 @@ pub struct QuantConfig {
     /// Fold the mean shift that weight quantization adds to each output channel of a Conv/Gemm into
     /// its float bias before the bias is quantized.
     pub bias_correction: bool,
+    /// How weight codes are chosen.
+    pub rounding: Rounding,
     /// Per-channel weight parameters (otherwise one scale per weight tensor).
     pub per_channel: bool,
     /// Weight bit width (2 to 8): signed symmetric codes in [-(2^(b-1) - 1), 2^(b-1) - 1].
@@ -211,6 +226,7 @@ impl Default for QuantConfig {
             lapq_samples: 64,
             lapq_8bit: false,
             bias_correction: true,
+            rounding: Rounding::Gptq,
             per_channel: true,
             weight_bits: 8,
             reduce_range: false,

@@ -1,7 +1,8 @@
 //! `lapq`: post-training quantization of float ONNX models into QDQ ONNX models.
 //!
 //! The pipeline, one call per stage (see the README's table):
-//! read -> prepare -> index -> plan -> data -> statistics (oracle) -> calibrate -> export -> report.
+//! read -> prepare -> index -> plan -> data -> statistics (oracle) -> calibrate -> rounding (oracle)
+//! -> export -> report.
 
 mod biases;
 pub mod calib;
@@ -54,6 +55,8 @@ pub fn quantize(job: &Job) -> Result<Report> {
     report.warnings = qdq.warnings;
     report.fusion = fusion::fusion(&qdq.model)?;
     report.biases_corrected = c.biases.corrected();
+    report.weights_rounded = c.params.weight_values.iter().flatten().count();
+    report.rounding = c.rounding.clone();
     Ok(report)
 }
 
@@ -70,6 +73,9 @@ pub struct Calibrated {
     pub stats: Vec<Option<RangeStats>>,
     /// Float biases and their corrections, decoded once for export and LAPQ.
     pub(crate) biases: Biases,
+    /// Gram matrices of the input windows of the weights that round with error feedback (indexed
+    /// like `plan.weights`).
+    pub grams: Vec<Option<calib::gptq::WindowGram>>,
     pub samples: Vec<data::Sample>,
     /// Class labels of the samples, when given.
     pub labels: Option<Vec<usize>>,
@@ -78,6 +84,8 @@ pub struct Calibrated {
     pub lapq: Option<joint::LapqReport>,
     /// What the auto method chose, when it ran.
     pub auto: Option<quantize::auto::AutoReport>,
+    /// What rounding with error feedback did, when it ran.
+    pub rounding: Option<quantize::rounding::RoundingReport>,
 }
 
 /// The stages up to calibration: read, index, plan, data, statistics, calibrate.
@@ -92,8 +100,11 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
     timings.lap("plan");
     let data::Dataset { samples, labels } = data::load(&job.data, index.inputs())?;
     timings.lap("data");
-    let Observations { stats, bias_means } =
-        observe(&staged, &index, &plan, &samples, &job.quant, job.progress)?;
+    let Observations {
+        stats,
+        bias_means,
+        grams,
+    } = observe(&staged, &index, &plan, &samples, &job.quant, job.progress)?;
     timings.lap("statistics");
     let biases = Biases::new(&index, &plan, &bias_means)?;
     let params = calibrate_params(&index, &plan, &stats, &biases, &job.quant)?;
@@ -107,11 +118,13 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         params,
         stats,
         biases,
+        grams,
         samples,
         labels,
         timings,
         lapq: None,
         auto: None,
+        rounding: None,
     };
     match job.quant.act_method {
         config::Method::Lapq => {
@@ -128,7 +141,43 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         }
         _ => {}
     }
+    round_weights(&mut c, &job.quant)?;
     Ok(c)
+}
+
+/// Chooses the codes of the weights that round with error feedback, for the run's final scales, and
+/// keeps them where the network's loss on the loss samples (the first `lapq_samples`) is not above
+/// the loss with nearest rounding: error feedback lowers each layer's own error, not always the
+/// network's.
+fn round_weights(c: &mut Calibrated, config: &QuantConfig) -> Result<()> {
+    if c.grams.iter().all(Option::is_none) {
+        return Ok(());
+    }
+    let index = GraphIndex::new(&c.model)?;
+    let rounded =
+        quantize::rounding::round_weights(&index, &c.plan, &c.params, &c.grams, &c.biases, config)?;
+    drop(index);
+    let weights = rounded.weight_values.iter().flatten().count();
+    if weights == 0 {
+        return Ok(());
+    }
+    let n = config.lapq_samples.clamp(1, c.samples.len().max(1));
+    let oracle = oracle(c, n, 1)?;
+    let nearest_loss = oracle.score(&c.params)?.loss;
+    let gptq_loss = oracle.score(&rounded)?.loss;
+    let kept = gptq_loss <= nearest_loss;
+    if kept {
+        c.params = rounded;
+    }
+    c.rounding = Some(quantize::rounding::RoundingReport {
+        weights,
+        nearest_loss,
+        gptq_loss,
+        kept,
+        samples: n,
+    });
+    c.timings.lap("rounding");
+    Ok(())
 }
 
 /// `calibrate`, then, when the job asks, each site's sensitivity and the accuracy fallback: sites it
@@ -171,6 +220,7 @@ fn calibrate_protected(
         c.params = chosen
             .params
             .context("internal: the fallback kept no parameters")?;
+        round_weights(&mut c, q)?;
     }
     report.exported = Some(oracle(&c, n, 1)?.score(&c.params)?);
     c.timings
@@ -334,19 +384,33 @@ fn observe(
             windows.push((b, tap(&index.node(site.node).input[0]), window, kernel));
         }
     }
+    // (weight site, tap, window, kernel) of every weight that rounds with error feedback.
+    let mut gram_layers = vec![];
+    for (k, site) in plan.weights.iter().enumerate() {
+        let Some((node, window)) = quantize::rounding::eligible(index, plan, k, config)? else {
+            continue;
+        };
+        let wt = index
+            .constant(&site.tensor)
+            .context("weight is a constant")?
+            .tensor();
+        let kernel = onnx::tensor_dims(wt)?.get(2..).unwrap_or(&[]).to_vec();
+        gram_layers.push((k, tap(&index.node(node).input[0]), window, kernel));
+    }
     let float = oracle::FloatModel::load(model.path(), &taps)?;
     let bar = progress_bar(samples.len() as u64, "statistics", "samples", progress);
-    // Per worker: range statistics per range tap, window means per corrected layer (`None` once a
-    // tensor did not fit its layer's geometry).
+    // Per worker: range statistics per range tap, window means per corrected layer and Gram
+    // matrices per rounded layer (`None` once a tensor did not fit its layer's geometry).
     let per_worker = float.observe(
         samples,
         || {
             (
                 vec![RangeStats::default(); ranges.len()],
                 vec![Some(WindowMeans::default()); windows.len()],
+                vec![Some(calib::gptq::WindowGram::default()); gram_layers.len()],
             )
         },
-        |(stats, means), k, dims, values| {
+        |(stats, means, grams), k, dims, values| {
             for (r, _) in ranges.iter().enumerate().filter(|(_, (_, t))| *t == k) {
                 stats[r].observe(dims, values);
             }
@@ -361,13 +425,33 @@ fn observe(
                     means[m] = None;
                 }
             }
+            for (m, (_, _, window, kernel)) in gram_layers
+                .iter()
+                .enumerate()
+                .filter(|(_, (_, t, _, _))| *t == k)
+            {
+                if let Some(acc) = &mut grams[m]
+                    && acc.observe(window, kernel, dims, values).is_err()
+                {
+                    grams[m] = None;
+                }
+            }
         },
         &|| bar.inc(1),
     )?;
     bar.finish_and_clear();
     let mut merged = vec![RangeStats::default(); ranges.len()];
     let mut merged_means = vec![Some(WindowMeans::default()); windows.len()];
-    for (stats, means) in &per_worker {
+    let mut merged_grams = vec![Some(calib::gptq::WindowGram::default()); gram_layers.len()];
+    for (stats, means, grams) in &per_worker {
+        for (m, a) in merged_grams.iter_mut().zip(grams) {
+            if let (Some(m), Some(a)) = (m.as_mut(), a)
+                && m.merge(a).is_ok()
+            {
+                continue;
+            }
+            *m = None;
+        }
         for (m, a) in merged.iter_mut().zip(stats) {
             m.merge(a);
         }
@@ -386,13 +470,24 @@ fn observe(
     for ((b, ..), m) in windows.into_iter().zip(merged_means) {
         bias_means[b] = m;
     }
-    Ok(Observations { stats, bias_means })
+    let mut grams = vec![None; plan.weights.len()];
+    for ((k, ..), g) in gram_layers.into_iter().zip(merged_grams) {
+        grams[k] = g;
+    }
+    Ok(Observations {
+        stats,
+        bias_means,
+        grams,
+    })
 }
 
 /// What the float pass over the calibration set gathered.
 struct Observations {
     stats: Vec<Option<RangeStats>>,
     bias_means: Vec<Option<WindowMeans>>,
+    /// Gram matrices of the input windows of every weight that rounds with error feedback, indexed
+    /// like `plan.weights`.
+    grams: Vec<Option<calib::gptq::WindowGram>>,
 }
 
 /// The clipping method a configured method stands for.

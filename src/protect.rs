@@ -469,8 +469,7 @@ fn site_quality(
                 .ok_or_else(|| anyhow::anyhow!("weight '{}' is not a constant", site.tensor))?
                 .tensor();
             let (values, dims) = (onnx::tensor_f32(t)?, onnx::tensor_dims(t)?);
-            let mut q = values.clone();
-            p.fake_quant_in_place(&mut q, &dims);
+            let q = c.params.weight_hat(k, &values, &dims);
             let sqnr_db = sqnr(
                 values
                     .iter()

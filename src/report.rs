@@ -93,12 +93,16 @@ pub struct Report {
     pub skipped: Vec<SkippedNode>,
     /// Conv/Gemm layers whose bias absorbed the mean shift of their quantized weights.
     pub biases_corrected: usize,
+    /// Weights whose codes rounding with error feedback chose (`--rounding gptq`).
+    pub weights_rounded: usize,
     /// Forms that will not fuse into integer kernels in ONNX Runtime.
     pub warnings: Vec<String>,
     /// What LAPQ did (the p grid and its losses, p*, Powell's sweeps, evaluations, time per stage).
     pub lapq: Option<crate::joint::LapqReport>,
     /// What the auto method chose, when it ran.
     pub auto: Option<crate::quantize::auto::AutoReport>,
+    /// What rounding with error feedback did, when it ran.
+    pub rounding: Option<crate::quantize::rounding::RoundingReport>,
     /// Each site's cost alone, costliest first (with --sensitivity or a target).
     pub sensitivity: Option<Vec<crate::protect::SiteSensitivity>>,
     /// What the accuracy fallback kept float (with --max-loss or --min-agreement).
@@ -175,9 +179,11 @@ impl Report {
                 .collect(),
             skipped: skipped_nodes(plan),
             biases_corrected: 0,
+            weights_rounded: 0,
             warnings: vec![],
             lapq: None,
             auto: None,
+            rounding: None,
             sensitivity: None,
             fallback: None,
             fusion: vec![],
@@ -189,7 +195,8 @@ impl Report {
     pub fn summary(&self) -> String {
         let mut s = format!(
             "wrote {} ({} quantized nodes, {} activations folded,{} {} nodes float; {} activation and {} \
-             weight sites; {} biases corrected; {} calibration samples; {:.1} s)",
+             weight sites; {} biases corrected; {} weights rounded with error feedback; {} calibration \
+             samples; {:.1} s)",
             self.output,
             self.nodes_quantized,
             self.nodes_folded,
@@ -201,9 +208,25 @@ impl Report {
             self.activations.len(),
             self.weights.len(),
             self.biases_corrected,
+            self.weights_rounded,
             self.calibration_samples,
             self.timings.total_ms as f64 / 1000.0
         );
+        if let Some(r) = &self.rounding {
+            s.push_str(&format!(
+                "\n  rounding: error feedback (GPTQ) on {} weights: loss {:.3e} against {:.3e} with nearest \
+                 rounding on {} samples; {}",
+                r.weights,
+                r.gptq_loss,
+                r.nearest_loss,
+                r.samples,
+                if r.kept {
+                    "kept"
+                } else {
+                    "nearest kept (error feedback raised the loss)"
+                }
+            ));
+        }
         if let Some(a) = &self.auto {
             s.push_str(&format!(
                 "\n  auto: started from {} (loss {:.3e}; {}), changed {} of {} sites: loss {:.3e} on {} samples",

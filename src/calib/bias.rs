@@ -149,7 +149,7 @@ impl WindowMeans {
 }
 
 /// Padding at the start of each spatial axis and the output size, for `[h, w]` lifted to 2-D.
-fn geometry(
+pub(super) fn geometry(
     pads: &Pads,
     size: [usize; 2],
     kernel: [usize; 2],

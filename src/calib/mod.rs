@@ -4,6 +4,7 @@
 
 pub mod bias;
 mod clip;
+pub mod gptq;
 mod grid;
 mod hist;
 mod loss;
@@ -20,6 +21,8 @@ pub use pfit::{PFit, fit_p, p_grid};
 pub use powell::{Objective, PowellConfig, PowellResult, powell};
 pub use stats::{RangeStats, channel_min_max};
 
+use std::sync::Arc;
+
 use serde::Serialize;
 
 /// Quantization parameters for every site of a plan, aligned with its activation, weight and bias lists.
@@ -32,6 +35,30 @@ pub struct Params {
     /// plus its correction.
     #[serde(skip)]
     pub bias_values: Vec<Vec<f32>>,
+    /// The values of the weight sites whose codes rounding with error feedback chose (`gptq`), on
+    /// their grids; indexed like `weights`, where absent or `None` the model's values round to nearest.
+    #[serde(skip)]
+    pub weight_values: Vec<Option<Arc<[f32]>>>,
+}
+
+impl Params {
+    /// The chosen values of weight site `k`, when rounding with error feedback chose them.
+    pub fn rounded(&self, k: usize) -> Option<&[f32]> {
+        self.weight_values.get(k).and_then(|v| v.as_deref())
+    }
+
+    /// Weight site `k` as the quantized model computes with it, from the model's `values` of shape
+    /// `dims`.
+    pub fn weight_hat(&self, k: usize, values: &[f32], dims: &[usize]) -> Vec<f32> {
+        let mut w = self.rounded(k).unwrap_or(values).to_vec();
+        self.weights[k].fake_quant_in_place(&mut w, dims);
+        w
+    }
+
+    /// The codes of weight site `k`, from the model's `values` of shape `dims`.
+    pub fn weight_codes(&self, k: usize, values: &[f32], dims: &[usize]) -> Vec<i64> {
+        self.weights[k].quantize_tensor(self.rounded(k).unwrap_or(values), dims)
+    }
 }
 
 /// Parameters of a weight from its exact values, per slice along `axis` or over the whole tensor,

@@ -60,11 +60,12 @@ pub fn qdq_model(
     let mut removed_consts: HashSet<String> = HashSet::new();
     let storage = Storage::new(index, plan, params, container);
 
-    for ((site, p), &bits) in plan
+    for (k, ((site, p), &bits)) in plan
         .weights
         .iter()
         .zip(&params.weights)
         .zip(&storage.weights)
+        .enumerate()
     {
         let c = index
             .constant(&site.tensor)
@@ -72,7 +73,7 @@ pub fn qdq_model(
         let t = c.tensor();
         let dims = tensor_dims(t)?;
         let values = tensor_f32(t)?;
-        let codes = p.quantize_tensor(&values, &dims);
+        let codes = params.weight_codes(k, &values, &dims);
         let w = &site.tensor;
         let (q, scale, zp) = (
             names.fresh(&format!("{w}_quantized")),

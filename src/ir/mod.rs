@@ -7,6 +7,6 @@ mod policy;
 pub use index::{ConstSource, GraphIndex, ModelInput};
 pub use plan::{
     ActivationSite, BiasSite, Decision, Folded, NodeEntry, QuantPlan, RangeSource, SkipReason,
-    WeightSite, plan, raise_to_eight_bits,
+    WeightSite, layer_window, plan, raise_to_eight_bits,
 };
 pub use policy::{OpClass, depthwise_conv, op_class};

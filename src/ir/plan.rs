@@ -541,7 +541,7 @@ impl Planner<'_, '_> {
                 input,
                 weight,
                 beta,
-                window: window(node, wdims.len()),
+                window: layer_window(node, wdims.len()),
             });
         }
         self.outputs(i, None);
@@ -813,7 +813,7 @@ fn subtracts_own_mean(index: &GraphIndex, mean: &onnx::NodeProto, x: &str) -> bo
 
 /// How a Conv's or Gemm's weight meets its input, when bias correction handles the layer: Gemm, and
 /// 1-D or 2-D Conv with well-formed attributes.
-fn window(node: &onnx::NodeProto, weight_rank: usize) -> Option<Window> {
+pub fn layer_window(node: &onnx::NodeProto, weight_rank: usize) -> Option<Window> {
     if node.op_type() == "Gemm" {
         return Some(Window::Dense {
             trans_a: onnx::attr_i(node, "transA", 0) != 0,

@@ -495,5 +495,6 @@ fn empty_params(sites: &Sites) -> crate::calib::Params {
         weights: vec![unit.clone(); sites.weights.len()],
         biases: vec![unit; sites.biases.len()],
         bias_values: vec![vec![]; sites.biases.len()],
+        weight_values: vec![],
     }
 }

@@ -280,12 +280,14 @@ impl FakeQuant {
         }
     }
 
-    /// A bias site's float value as it is quantized (empty for other sites).
+    /// A bias site's float value as it is quantized, a weight site's values chosen by rounding with
+    /// error feedback (empty for other sites and for weights that round to nearest).
     fn slot_values<'p>(&self, params: &'p Params) -> &'p [f32] {
-        let first_bias = self.table.activations + self.table.weights;
-        match self.slot.checked_sub(first_bias) {
-            Some(b) => params.bias_values.get(b).map_or(&[], Vec::as_slice),
-            None => &[],
+        let (a, w) = (self.table.activations, self.table.weights);
+        match self.slot {
+            s if s < a => &[],
+            s if s < a + w => params.rounded(s - a).unwrap_or(&[]),
+            s => params.bias_values.get(s - a - w).map_or(&[], Vec::as_slice),
         }
     }
 
@@ -295,7 +297,17 @@ impl FakeQuant {
             let p = if self.slot < a {
                 &params.activations[self.slot]
             } else {
-                &params.weights[self.slot - a]
+                let k = self.slot - a;
+                if let Some(values) = params.rounded(k) {
+                    ensure!(
+                        values.len() == data.len(),
+                        "weight site {k}: {} rounded values for a weight of {}",
+                        values.len(),
+                        data.len()
+                    );
+                    data.copy_from_slice(values);
+                }
+                &params.weights[k]
             };
             ensure!(
                 !self.layout_free || p.axis.is_none(),

@@ -2,3 +2,4 @@
 //! and the fallback here too).
 
 pub mod auto;
+pub mod rounding;

@@ -11,6 +11,7 @@ mod lapq;
 mod onnx_io;
 mod oracle;
 mod protect;
+mod rounding;
 mod targets;
 mod transformer;
 

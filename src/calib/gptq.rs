@@ -1,0 +1,389 @@
+//! Rounding with error feedback (GPTQ, Frantar et al., 2022). A layer's output error for weight
+//! error `D` is `E[|D x|^2] = tr(D H D^T)` with `H = E[x x^T]` the Gram matrix of its input windows.
+//! Rounding each weight to its nearest code ignores how the inputs correlate; GPTQ rounds one input
+//! column at a time and moves each rounding error onto the columns not yet rounded, along the rows of
+//! the upper Cholesky factor of `H^-1`, which minimises that error column by column. Each output row
+//! keeps its scale and zero point: only the choice of codes changes.
+
+use anyhow::{Result, anyhow, ensure};
+use faer::linalg::solvers::DenseSolveCore;
+use faer::{Mat, Side};
+
+use super::bias::{Window, geometry};
+use super::grid::Grid;
+
+/// Relative damping added to the Gram matrix's diagonal (the GPTQ authors' 1 % of its mean), which
+/// keeps the inverse well conditioned where inputs are nearly collinear.
+const DAMPING: f64 = 0.01;
+
+/// Sum of `x x^T` over every window of a layer's input (the columns of its weight rows, in the
+/// weight's own layout: input channel, then kernel positions), and how many windows were summed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WindowGram {
+    /// Columns of a weight row: `K` for Gemm, `C x k...` for Conv.
+    pub k: usize,
+    /// `k x k`, row-major.
+    pub sums: Vec<f64>,
+    pub count: u64,
+}
+
+impl WindowGram {
+    /// Adds one input tensor of the layer. `kernel` is the weight's spatial shape (empty for Gemm).
+    /// Handles Gemm and ungrouped 1-D and 2-D Conv.
+    pub fn observe(
+        &mut self,
+        window: &Window,
+        kernel: &[usize],
+        dims: &[usize],
+        x: &[f32],
+    ) -> Result<()> {
+        ensure!(
+            dims.iter().product::<usize>() == x.len(),
+            "input shape {dims:?} does not match its data"
+        );
+        match window {
+            Window::Dense { trans_a, .. } => {
+                // MatMul's input `[..., K]` is `[rows, K]` with its leading axes flattened.
+                ensure!(
+                    dims.len() >= 2 && (!*trans_a || dims.len() == 2),
+                    "Gemm or MatMul input of shape {dims:?}"
+                );
+                let (rows, k) = if *trans_a {
+                    (dims[1], dims[0])
+                } else {
+                    let k = dims[dims.len() - 1];
+                    (x.len() / k.max(1), k)
+                };
+                let patches: Vec<f32> = if *trans_a {
+                    (0..rows * k).map(|i| x[(i % k) * rows + i / k]).collect()
+                } else {
+                    x.to_vec()
+                };
+                self.add(&patches, rows, k)
+            }
+            Window::Conv {
+                group,
+                strides,
+                dilations,
+                pads,
+            } => {
+                ensure!(
+                    *group == 1,
+                    "grouped Conv: rounding with error feedback needs group 1"
+                );
+                let spatial = dims.len().saturating_sub(2);
+                ensure!(
+                    (1..=2).contains(&spatial) && kernel.len() == spatial,
+                    "Conv input of shape {dims:?} with kernel {kernel:?}: 1-D and 2-D convolutions only"
+                );
+                let lift = |v: &[usize]| -> [usize; 2] {
+                    if spatial == 1 {
+                        [1, v[0]]
+                    } else {
+                        [v[0], v[1]]
+                    }
+                };
+                let (n, c) = (dims[0], dims[1]);
+                let [h, w] = lift(&dims[2..]);
+                let [kh, kw] = lift(kernel);
+                let (s, d) = (lift(strides), lift(dilations));
+                let (begin, [oh, ow]) = geometry(pads, [h, w], [kh, kw], s, d, spatial);
+                let (taps, positions) = (kh * kw, oh * ow);
+                let k = c * taps;
+                let mut patches = vec![0f32; positions * k];
+                for img in 0..n {
+                    patches.fill(0.0);
+                    for ch in 0..c {
+                        let plane = &x[(img * c + ch) * h * w..][..h * w];
+                        for i in 0..kh {
+                            for j in 0..kw {
+                                let col = ch * taps + i * kw + j;
+                                for o in 0..oh {
+                                    let Some(y) = (o * s[0] + i * d[0]).checked_sub(begin[0])
+                                    else {
+                                        continue;
+                                    };
+                                    if y >= h {
+                                        continue;
+                                    }
+                                    for p in 0..ow {
+                                        if let Some(xx) =
+                                            (p * s[1] + j * d[1]).checked_sub(begin[1])
+                                            && xx < w
+                                        {
+                                            patches[(o * ow + p) * k + col] = plane[y * w + xx];
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    self.add(&patches, positions, k)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds `P^T P` for `patches` `P` (`rows x k`, row-major).
+    fn add(&mut self, patches: &[f32], rows: usize, k: usize) -> Result<()> {
+        if self.k == 0 {
+            (self.k, self.sums) = (k, vec![0.0; k * k]);
+        }
+        ensure!(
+            self.k == k,
+            "input windows of {k} values after windows of {}",
+            self.k
+        );
+        let mut gram = vec![0f32; k * k];
+        // SAFETY: `patches` holds `rows x k` values and `gram` `k x k`, with the strides given.
+        unsafe {
+            matrixmultiply::sgemm(
+                k,
+                rows,
+                k,
+                1.0,
+                patches.as_ptr(),
+                1,
+                k as isize,
+                patches.as_ptr(),
+                k as isize,
+                1,
+                0.0,
+                gram.as_mut_ptr(),
+                k as isize,
+                1,
+            );
+        }
+        for (s, g) in self.sums.iter_mut().zip(&gram) {
+            *s += *g as f64;
+        }
+        self.count += rows as u64;
+        Ok(())
+    }
+
+    /// Adds the sums of another part of the calibration set.
+    pub fn merge(&mut self, other: &WindowGram) -> Result<()> {
+        if other.k == 0 {
+            return Ok(());
+        }
+        if self.k == 0 {
+            *self = other.clone();
+            return Ok(());
+        }
+        ensure!(
+            self.k == other.k,
+            "Gram matrices of {} and {} columns",
+            self.k,
+            other.k
+        );
+        for (a, b) in self.sums.iter_mut().zip(&other.sums) {
+            *a += b;
+        }
+        self.count += other.count;
+        Ok(())
+    }
+}
+
+/// The rounded values (`rows x k`, row-major, each on its row's grid) of weight rows `w` whose
+/// columns see inputs of Gram matrix `gram`. Row `r` quantizes with `scales[r]` and
+/// `zero_points[r]`. Columns whose input was always zero round to nearest and pass no error on.
+pub fn round_rows(
+    w: &[f32],
+    gram: &WindowGram,
+    grid: Grid,
+    scales: &[f32],
+    zero_points: &[i64],
+) -> Result<Vec<f32>> {
+    let k = gram.k;
+    ensure!(
+        k > 0
+            && w.len().is_multiple_of(k)
+            && w.len() / k == scales.len()
+            && scales.len() == zero_points.len(),
+        "{} weights, {} scales for rows of {k} columns",
+        w.len(),
+        scales.len()
+    );
+    let u = feedback_factor(gram)?;
+    let mut out = vec![0f32; w.len()];
+    let rows: Vec<(usize, &[f32])> = w.chunks(k).enumerate().collect();
+    let rounded = super::par_map(&rows, |(r, row)| {
+        let (s, z) = (scales[*r], zero_points[*r]);
+        let mut x: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+        let mut q = vec![0f32; k];
+        for j in 0..k {
+            q[j] = grid.fake_quant(x[j] as f32, s, z);
+            let e = (x[j] - q[j] as f64) / u[j * k + j];
+            if e != 0.0 {
+                for (xt, ut) in x[j + 1..].iter_mut().zip(&u[j * k + j + 1..(j + 1) * k]) {
+                    *xt -= e * ut;
+                }
+            }
+        }
+        q
+    });
+    for (chunk, q) in out.chunks_mut(k).zip(rounded) {
+        chunk.copy_from_slice(&q);
+    }
+    Ok(out)
+}
+
+/// The upper Cholesky factor `U` of `(H + damping)^-1` (`H^-1 = U^T U`), row-major; dead columns
+/// (zero diagonal) get a unit diagonal and no coupling.
+fn feedback_factor(gram: &WindowGram) -> Result<Vec<f64>> {
+    let k = gram.k;
+    let count = gram.count.max(1) as f64;
+    let diag: Vec<f64> = (0..k).map(|i| gram.sums[i * k + i] / count).collect();
+    let live: Vec<bool> = diag.iter().map(|&d| d > 0.0).collect();
+    let mean = diag.iter().sum::<f64>() / k as f64;
+    let damp = DAMPING * if mean > 0.0 { mean } else { 1.0 };
+    let h = Mat::from_fn(k, k, |i, j| {
+        if live[i] && live[j] {
+            gram.sums[i * k + j] / count + if i == j { damp } else { 0.0 }
+        } else if i == j {
+            1.0
+        } else {
+            0.0
+        }
+    });
+    let not_definite = |_| anyhow!("the input's Gram matrix is not positive definite");
+    let inverse = h.llt(Side::Lower).map_err(not_definite)?.inverse();
+    let l = inverse.llt(Side::Lower).map_err(not_definite)?;
+    let l = l.L();
+    Ok((0..k * k)
+        .map(|i| {
+            let (row, col) = (i / k, i % k);
+            if col >= row { l[(col, row)] } else { 0.0 }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::calib::bias::Pads;
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    /// `sum over samples |(W_hat - W) x|^2` for rows `w` (`m x k`) and inputs `x` (`n x k`).
+    fn output_error(w: &[f32], w_hat: &[f32], x: &[f32], k: usize) -> f64 {
+        let mut total = 0.0;
+        for xs in x.chunks(k) {
+            for (row, row_hat) in w.chunks(k).zip(w_hat.chunks(k)) {
+                let e: f64 = row
+                    .iter()
+                    .zip(row_hat)
+                    .zip(xs)
+                    .map(|((a, b), v)| ((b - a) * v) as f64)
+                    .sum();
+                total += e * e;
+            }
+        }
+        total
+    }
+
+    /// Correlated inputs (a shared factor plus noise), one always-zero column.
+    fn inputs(rng: &mut ChaCha8Rng, n: usize, k: usize, dead: usize) -> Vec<f32> {
+        let mut x = vec![0f32; n * k];
+        for row in x.chunks_mut(k) {
+            let f: f32 = rng.random_range(-1.0..1.0);
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = if j == dead {
+                    0.0
+                } else {
+                    f + 0.3 * rng.random_range(-1.0..1.0)
+                };
+            }
+        }
+        x
+    }
+
+    #[test]
+    fn feedback_lowers_the_output_error_and_keeps_values_on_the_grid() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let (n, k, m, dead) = (400, 24, 6, 5);
+        let x = inputs(&mut rng, n, k, dead);
+        let w: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut gram = WindowGram::default();
+        let window = Window::Dense {
+            trans_a: false,
+            trans_b: false,
+        };
+        gram.observe(&window, &[], &[n, k], &x).unwrap();
+        let grid = Grid {
+            bits: 4,
+            ..Grid::I8_SYM
+        };
+        let scales: Vec<f32> = (0..m).map(|r| 0.12 + 0.01 * r as f32).collect();
+        let zps = vec![0; m];
+        let gptq = round_rows(&w, &gram, grid, &scales, &zps).unwrap();
+        let nearest: Vec<f32> = w
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| grid.fake_quant(v, scales[i / k], 0))
+            .collect();
+        let (e_gptq, e_near) = (
+            output_error(&w, &gptq, &x, k),
+            output_error(&w, &nearest, &x, k),
+        );
+        assert!(
+            e_gptq < 0.5 * e_near,
+            "GPTQ {e_gptq} against nearest {e_near}"
+        );
+        for (i, &v) in gptq.iter().enumerate() {
+            let s = scales[i / k];
+            assert_eq!(grid.fake_quant(v, s, 0), v, "weight {i} is off its grid");
+        }
+        // The dead column's weights round to nearest: nothing could move their error.
+        for r in 0..m {
+            assert_eq!(gptq[r * k + dead], nearest[r * k + dead], "row {r}");
+        }
+    }
+
+    #[test]
+    fn conv_windows_give_the_gram_of_their_patches() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let (c, h, w, kk) = (2, 5, 4, 3);
+        let x: Vec<f32> = (0..c * h * w)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let window = Window::Conv {
+            group: 1,
+            strides: vec![2, 1],
+            dilations: vec![1, 1],
+            pads: Pads::Explicit(vec![1, 1, 1, 1]),
+        };
+        let mut gram = WindowGram::default();
+        gram.observe(&window, &[kk, kk], &[1, c, h, w], &x).unwrap();
+        // Direct: every output position's window, zero outside the input.
+        let (oh, ow) = ((h + 2 - kk) / 2 + 1, w + 2 - kk + 1);
+        let k = c * kk * kk;
+        let mut expected = vec![0f64; k * k];
+        for o in 0..oh {
+            for p in 0..ow {
+                let mut v = vec![0f64; k];
+                for ch in 0..c {
+                    for i in 0..kk {
+                        for j in 0..kk {
+                            let (y, xx) = ((o * 2 + i) as isize - 1, (p + j) as isize - 1);
+                            if y >= 0 && xx >= 0 && (y as usize) < h && (xx as usize) < w {
+                                v[ch * kk * kk + i * kk + j] =
+                                    x[(ch * h + y as usize) * w + xx as usize] as f64;
+                            }
+                        }
+                    }
+                }
+                for a in 0..k {
+                    for b in 0..k {
+                        expected[a * k + b] += v[a] * v[b];
+                    }
+                }
+            }
+        }
+        assert_eq!(gram.count, (oh * ow) as u64);
+        for (i, (a, b)) in gram.sums.iter().zip(&expected).enumerate() {
+            assert!((a - b).abs() < 1e-4, "entry {i}: {a} vs {b}");
+        }
+    }
+}

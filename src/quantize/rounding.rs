@@ -1,0 +1,155 @@
+//! Rounding with error feedback (`Rounding::Gptq`): once every scale is fixed, the codes of each
+//! eligible weight are chosen by `calib::gptq` from the Gram matrix of its layer's input windows,
+//! gathered in the statistics pass; biases are then corrected for the chosen codes.
+
+use std::sync::Arc;
+
+use anyhow::{Context, Result, ensure};
+use serde::Serialize;
+
+use crate::calib::bias::Window;
+use crate::calib::gptq::{WindowGram, round_rows};
+use crate::calib::{Params, QParams};
+use crate::config::{QuantConfig, Rounding};
+use crate::ir::{GraphIndex, QuantPlan};
+use crate::onnx;
+
+/// What rounding with error feedback did: the network's loss on the loss samples with nearest and
+/// with error-feedback codes, and which the export kept (the lower).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RoundingReport {
+    /// Weights whose codes error feedback chose.
+    pub weights: usize,
+    pub nearest_loss: f64,
+    pub gptq_loss: f64,
+    /// Whether the export has the error-feedback codes.
+    pub kept: bool,
+    /// Samples in the loss.
+    pub samples: usize,
+}
+
+/// The layer whose input decides weight site `k`'s codes, and how the weight meets that input, when
+/// they are chosen by error feedback: GPTQ rounding configured, the weight below 8 bits and read
+/// by one node only, as the weight of a Gemm, an ungrouped Conv or a MatMul (2-D, input B).
+pub fn eligible(
+    index: &GraphIndex,
+    plan: &QuantPlan,
+    k: usize,
+    config: &QuantConfig,
+) -> Result<Option<(usize, Window)>> {
+    let site = &plan.weights[k];
+    let &[node] = index.consumers(&site.tensor) else {
+        return Ok(None);
+    };
+    if config.rounding != Rounding::Gptq || site.grid.bits >= 8 {
+        return Ok(None);
+    }
+    let n = index.node(node);
+    if n.input.get(1) != Some(&site.tensor) || n.input.first() == Some(&site.tensor) {
+        return Ok(None);
+    }
+    let Some(c) = index.constant(&site.tensor) else {
+        return Ok(None);
+    };
+    let rank = onnx::tensor_dims(c.tensor())?.len();
+    let window = match n.op_type() {
+        "MatMul" if rank == 2 => Some(Window::Dense {
+            trans_a: false,
+            trans_b: false,
+        }),
+        "Conv" | "Gemm" => crate::ir::layer_window(n, rank),
+        _ => None,
+    };
+    Ok(match window {
+        Some(Window::Conv { group, .. }) if group != 1 => None,
+        w => w.map(|w| (node, w)),
+    })
+}
+
+/// `params` with the codes of every weight that has a Gram matrix (`grams`, indexed like
+/// `plan.weights`) chosen by error feedback, and every bias corrected for them.
+pub(crate) fn round_weights(
+    index: &GraphIndex,
+    plan: &QuantPlan,
+    params: &Params,
+    grams: &[Option<WindowGram>],
+    biases: &crate::biases::Biases,
+    config: &QuantConfig,
+) -> Result<Params> {
+    let mut values: Vec<Option<Arc<[f32]>>> = vec![None; plan.weights.len()];
+    for (k, gram) in grams.iter().enumerate() {
+        let Some(gram) = gram.as_ref().filter(|g| g.count > 0) else {
+            continue;
+        };
+        // `None` for a weight raised to 8 bits after the statistics pass (the accuracy fallback).
+        let Some((_, window)) = eligible(index, plan, k, config)? else {
+            continue;
+        };
+        let name = &plan.weights[k].tensor;
+        let t = index
+            .constant(name)
+            .with_context(|| format!("weight '{name}' is not a constant"))?
+            .tensor();
+        let (w, dims) = (onnx::tensor_f32(t)?, onnx::tensor_dims(t)?);
+        let rounded = round_weight(&w, &dims, &window, &params.weights[k], gram)
+            .with_context(|| format!("weight '{name}'"))?;
+        values[k] = Some(rounded.into());
+    }
+    biases.params_rounded(
+        plan,
+        params.activations.clone(),
+        params.weights.clone(),
+        values,
+    )
+}
+
+/// One weight's rounded values in its own layout. Output channels are rows: axis 0 of Conv and of
+/// Gemm with `transB`, axis 1 of Gemm without and of MatMul.
+fn round_weight(
+    w: &[f32],
+    dims: &[usize],
+    window: &Window,
+    p: &QParams,
+    gram: &WindowGram,
+) -> Result<Vec<f32>> {
+    let transposed = matches!(window, Window::Dense { trans_b: false, .. });
+    ensure!(dims.len() >= 2, "weight of shape {dims:?}");
+    let (rows, k) = if transposed {
+        (dims[1], dims[0])
+    } else {
+        (dims[0], w.len() / dims[0].max(1))
+    };
+    ensure!(
+        k == gram.k,
+        "rows of {k} values for input windows of {}",
+        gram.k
+    );
+    let row_axis = if transposed { 1 } else { 0 };
+    let per_row = |v: &[f32]| -> Result<Vec<f32>> {
+        match p.axis {
+            None => Ok(vec![v[0]; rows]),
+            Some(a) if a == row_axis && v.len() == rows => Ok(v.to_vec()),
+            Some(a) => {
+                anyhow::bail!("per-channel parameters along axis {a}, not the output channels")
+            }
+        }
+    };
+    let scales = per_row(&p.scale)?;
+    let zero_points: Vec<i64> = match p.axis {
+        None => vec![p.zero_point[0]; rows],
+        Some(_) => p.zero_point.clone(),
+    };
+    let as_rows: Vec<f32> = if transposed {
+        (0..rows * k).map(|i| w[(i % k) * rows + i / k]).collect()
+    } else {
+        w.to_vec()
+    };
+    let rounded = round_rows(&as_rows, gram, p.grid, &scales, &zero_points)?;
+    Ok(if transposed {
+        (0..rows * k)
+            .map(|i| rounded[(i % rows) * k + i / rows])
+            .collect()
+    } else {
+        rounded
+    })
+}

@@ -1,0 +1,119 @@
+//! `--rounding gptq` (the default): weights below 8 bits get their codes by error feedback where the
+//! network's loss says so; the export is what the oracle scored, as ONNX Runtime computes it.
+
+use std::path::Path;
+
+use crate::lapq::mean_kl;
+use crate::oracle::ort_outputs;
+use crate::{check_qdq, fixture, quantize_reporting, tempdir};
+
+/// ONNX Runtime's relative RMS error (Q/DQ as written) of every output of `quant`, summed.
+fn ort_error(model: &Path, quant: &Path, data: &Path, op: &str) -> f64 {
+    let m = check_qdq(model, quant, data, "metrics_only", op);
+    m["outputs"]
+        .as_object()
+        .expect("per-output metrics")
+        .values()
+        .map(|o| o["rel_rms"].as_f64().expect("rel_rms"))
+        .sum()
+}
+
+/// 4-bit weights on fixtures whose layer inputs correlate (ReLU outputs, shared features): error
+/// feedback lowers the loss, the guard keeps its codes, and ONNX Runtime's error on the exported
+/// model drops against nearest rounding's export.
+#[test]
+fn error_feedback_lowers_the_error_of_narrow_weights() {
+    let dir = tempdir();
+    for (name, op, layers) in [
+        ("gemm", "Gemm", 2),
+        ("classifier", "Conv", 3),
+        ("concat", "Conv", 3),
+    ] {
+        let model = fixture(name).join("model.onnx");
+        let calib = fixture(name).join("calib.npz");
+        let mut errors = vec![];
+        for rounding in ["nearest", "gptq"] {
+            let out = dir.path().join(format!("{name}.{rounding}.onnx"));
+            let report = quantize_reporting(
+                &model,
+                &out,
+                &calib,
+                &[
+                    "--wbits",
+                    "4",
+                    "--rounding",
+                    rounding,
+                    "--target",
+                    "x86-vnni",
+                ],
+            );
+            if rounding == "gptq" {
+                let r = &report["rounding"];
+                assert_eq!(r["weights"], layers, "{name}: {r}");
+                assert_eq!(r["kept"], true, "{name}: {r}");
+                assert!(
+                    r["gptq_loss"].as_f64() < r["nearest_loss"].as_f64(),
+                    "{name}: {r}"
+                );
+                assert_eq!(report["weights_rounded"], layers, "{name}");
+            } else {
+                assert!(report["rounding"].is_null(), "{name}");
+                assert_eq!(report["weights_rounded"], 0, "{name}");
+            }
+            errors.push(ort_error(&model, &out, &calib, op));
+        }
+        assert!(
+            errors[1] < errors[0],
+            "{name}: gptq's relative RMS error {:.4} against nearest rounding's {:.4}",
+            errors[1],
+            errors[0]
+        );
+    }
+}
+
+/// On the classifier the oracle's loss is the KL divergence of its logits: ONNX Runtime computes the
+/// same loss on the exported model, so the guard decided on what was exported.
+#[test]
+fn the_guard_scores_what_is_exported() {
+    let dir = tempdir();
+    let model = fixture("classifier").join("model.onnx");
+    let calib = fixture("classifier").join("calib.npz");
+    let out = dir.path().join("out.onnx");
+    let report = quantize_reporting(
+        &model,
+        &out,
+        &calib,
+        &["--wbits", "4", "--target", "x86-vnni"],
+    );
+    let r = &report["rounding"];
+    assert_eq!(r["kept"], true, "{r}");
+    let float = ort_outputs(&model, &calib, "disabled");
+    let quant = ort_outputs(&out, &calib, "disabled");
+    let kl = mean_kl(&float[0], &quant[0], 10);
+    let scored = r["gptq_loss"].as_f64().unwrap();
+    assert!(
+        (kl - scored).abs() <= 0.05 * scored,
+        "ONNX Runtime {kl} vs the oracle's {scored}"
+    );
+}
+
+/// The default target keeps paired weights on 7 bits: those are the ones error feedback scores;
+/// 8-bit weights (the depthwise Conv here, every weight on x86-vnni) round to nearest.
+#[test]
+fn default_run_scores_error_feedback_on_the_seven_bit_weights_only() {
+    let dir = tempdir();
+    let model = fixture("depthwise_conv").join("model.onnx");
+    let calib = fixture("depthwise_conv").join("calib.npz");
+    let out = dir.path().join("out.onnx");
+    let report = quantize_reporting(&model, &out, &calib, &[]);
+    check_qdq(&model, &out, &calib, "w8a8", "Conv");
+    let r = &report["rounding"];
+    // expand and project are 7-bit on portable; the depthwise Conv keeps 8 bits.
+    assert_eq!(r["weights"], 2, "{r}");
+    let kept = r["gptq_loss"].as_f64() <= r["nearest_loss"].as_f64();
+    assert_eq!(r["kept"], kept, "{r}");
+    assert_eq!(report["weights_rounded"], if kept { 2 } else { 0 });
+    let out8 = dir.path().join("vnni.onnx");
+    let report = quantize_reporting(&model, &out8, &calib, &["--target", "x86-vnni"]);
+    assert!(report["rounding"].is_null());
+}
