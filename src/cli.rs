@@ -120,6 +120,11 @@ pub struct QuantizeArgs {
     /// inputs' correlations over the calibration data; nearest: every value to its nearest code.
     #[arg(long, value_enum, default_value_t = RoundingArg::Gptq)]
     pub rounding: RoundingArg,
+    /// Keep normalisation outputs as they are (by default, a LayerNormalization or per-channel
+    /// Mul-Add output read by MatMuls moves its outlier channels into their weights, SmoothQuant's
+    /// migration, and its other readers get it back through a float Mul).
+    #[arg(long)]
+    pub no_smoothing: bool,
     /// Class labels of the calibration samples, one integer per line in the data's order: LAPQ's
     /// loss becomes cross-entropy against them (default: divergence from the float model).
     #[arg(long, value_name = "FILE")]
@@ -397,6 +402,7 @@ impl QuantizeArgs {
                 lapq_samples: self.lapq_samples,
                 lapq_8bit: self.lapq_8bit,
                 bias_correction: !self.no_bias_correction,
+                smoothing: !self.no_smoothing,
                 rounding: match self.rounding {
                     RoundingArg::Nearest => Rounding::Nearest,
                     RoundingArg::Gptq => Rounding::Gptq,

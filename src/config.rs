@@ -123,6 +123,9 @@ pub struct QuantConfig {
     pub bias_correction: bool,
     /// How weight codes are chosen.
     pub rounding: Rounding,
+    /// Move the outlier channels of normalisation outputs into the MatMuls that read them
+    /// (SmoothQuant; `calib::smooth`) before planning.
+    pub smoothing: bool,
     /// Per-channel weight parameters (otherwise one scale per weight tensor).
     pub per_channel: bool,
     /// Weight bit width (2 to 8): signed symmetric codes in [-(2^(b-1) - 1), 2^(b-1) - 1].
@@ -227,6 +230,7 @@ impl Default for QuantConfig {
             lapq_8bit: false,
             bias_correction: true,
             rounding: Rounding::Gptq,
+            smoothing: true,
             per_channel: true,
             weight_bits: 8,
             reduce_range: false,

@@ -57,6 +57,7 @@ pub fn quantize(job: &Job) -> Result<Report> {
     report.biases_corrected = c.biases.corrected();
     report.weights_rounded = c.params.weight_values.iter().flatten().count();
     report.rounding = c.rounding.clone();
+    report.smoothed = c.smoothed.clone();
     Ok(report)
 }
 
@@ -86,20 +87,75 @@ pub struct Calibrated {
     pub auto: Option<quantize::auto::AutoReport>,
     /// What rounding with error feedback did, when it ran.
     pub rounding: Option<quantize::rounding::RoundingReport>,
+    /// Normalisation outputs whose outlier channels moved into the MatMuls that read them.
+    pub smoothed: Vec<String>,
 }
 
-/// The stages up to calibration: read, index, plan, data, statistics, calibrate.
+/// SmoothQuant's migration on every smoothable normalisation output (`prepare::smoothable`) with
+/// outlier channels (`calib::smooth::has_outliers`), from the per-channel ranges one float pass over
+/// `samples` gives; returns the tensors smoothed.
+fn smooth_model(
+    model: &mut onnx::ModelProto,
+    samples: &[data::Sample],
+    progress: bool,
+) -> Result<Vec<String>> {
+    let targets = prepare::smoothable(model)?;
+    if targets.is_empty() {
+        return Ok(vec![]);
+    }
+    let staged = onnx::StagedModel::new(model)?;
+    let taps: Vec<String> = targets.iter().map(|t| t.tensor.clone()).collect();
+    let float = oracle::FloatModel::load(staged.path(), &taps)?;
+    let bar = progress_bar(samples.len() as u64, "smoothing", "samples", progress);
+    let per_worker = float.observe(
+        samples,
+        || vec![vec![]; targets.len()],
+        |acc: &mut Vec<Vec<f32>>, k, _, values| {
+            calib::smooth::observe_channel_absmax(&mut acc[k], values, targets[k].channels);
+        },
+        &|| bar.inc(1),
+    )?;
+    bar.finish_and_clear();
+    drop(float);
+    let mut smoothed = vec![];
+    for (k, t) in targets.iter().enumerate() {
+        let mut absmax = vec![0f32; t.channels];
+        for acc in &per_worker {
+            for (m, &v) in absmax.iter_mut().zip(&acc[k]) {
+                *m = m.max(v);
+            }
+        }
+        if !calib::smooth::has_outliers(&absmax) {
+            continue;
+        }
+        let factors =
+            calib::smooth::migration_scales(&absmax, &t.weight_absmax, calib::smooth::ALPHA);
+        prepare::smooth(model, &t.tensor, &factors)?;
+        smoothed.push(t.tensor.clone());
+    }
+    Ok(smoothed)
+}
+
+/// The stages up to calibration: read, data, smoothing, index, plan, statistics, calibrate.
 pub fn calibrate(job: &Job) -> Result<Calibrated> {
     let mut timings = Timings::start();
     check_output_path(&job.model, &job.output)?;
     let (mut model, external_data) = onnx::read_model(&job.model)?;
     timings.lap("read");
+    let raw = GraphIndex::new(&model).with_context(|| format!("model {}", job.model.display()))?;
+    let data::Dataset { samples, labels } = data::load(&job.data, raw.inputs())?;
+    drop(raw);
+    timings.lap("data");
+    let smoothed = if job.quant.smoothing {
+        smooth_model(&mut model, &samples, job.progress)?
+    } else {
+        vec![]
+    };
+    timings.lap("smoothing");
     let plan = plan_model(&mut model, &job.model, &job.quant)?;
     let index = GraphIndex::new(&model)?;
     let staged = onnx::StagedModel::new(&model)?;
     timings.lap("plan");
-    let data::Dataset { samples, labels } = data::load(&job.data, index.inputs())?;
-    timings.lap("data");
     let Observations {
         stats,
         bias_means,
@@ -125,6 +181,7 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         lapq: None,
         auto: None,
         rounding: None,
+        smoothed,
     };
     match job.quant.act_method {
         config::Method::Lapq => {
@@ -381,7 +438,12 @@ fn observe(
             let w = &plan.weights[site.weight].tensor;
             let wt = index.constant(w).context("weight is a constant")?.tensor();
             let kernel = onnx::tensor_dims(wt)?.get(2..).unwrap_or(&[]).to_vec();
-            windows.push((b, tap(&index.node(site.node).input[0]), window, kernel));
+            windows.push((
+                b,
+                tap(&index.node(site.node).input[0]),
+                window.clone(),
+                kernel,
+            ));
         }
     }
     // (weight site, tap, window, kernel) of every weight that rounds with error feedback.
@@ -414,28 +476,8 @@ fn observe(
             for (r, _) in ranges.iter().enumerate().filter(|(_, (_, t))| *t == k) {
                 stats[r].observe(dims, values);
             }
-            for (m, (_, _, window, kernel)) in windows
-                .iter()
-                .enumerate()
-                .filter(|(_, (_, t, _, _))| *t == k)
-            {
-                if let Some(acc) = &mut means[m]
-                    && acc.observe(window, kernel, dims, values).is_err()
-                {
-                    means[m] = None;
-                }
-            }
-            for (m, (_, _, window, kernel)) in gram_layers
-                .iter()
-                .enumerate()
-                .filter(|(_, (_, t, _, _))| *t == k)
-            {
-                if let Some(acc) = &mut grams[m]
-                    && acc.observe(window, kernel, dims, values).is_err()
-                {
-                    grams[m] = None;
-                }
-            }
+            feed_windows(&windows, means, k, dims, values);
+            feed_windows(&gram_layers, grams, k, dims, values);
         },
         &|| bar.inc(1),
     )?;
@@ -479,6 +521,28 @@ fn observe(
         bias_means,
         grams,
     })
+}
+
+/// Feeds tap `k`'s tensor to the window statistic of every layer (`(site, tap, window, kernel)`)
+/// reading it; a statistic becomes `None` once a tensor does not fit its layer's geometry.
+fn feed_windows<A: calib::bias::WindowStat>(
+    layers: &[(usize, usize, calib::bias::Window, Vec<usize>)],
+    stats: &mut [Option<A>],
+    k: usize,
+    dims: &[usize],
+    values: &[f32],
+) {
+    for ((_, _, window, kernel), acc) in layers
+        .iter()
+        .zip(stats.iter_mut())
+        .filter(|((_, tap, _, _), _)| *tap == k)
+    {
+        if let Some(a) = acc.as_mut()
+            && a.observe(window, kernel, dims, values).is_err()
+        {
+            *acc = None;
+        }
+    }
 }
 
 /// What the float pass over the calibration set gathered.

@@ -5,6 +5,8 @@
 //! - A BatchNormalization in inference mode right after a Conv is folded into the Conv's weight and
 //!   bias, as exporters with BatchNorm folding and ONNX Runtime's `quant_pre_process` do: ONNX Runtime
 //!   has no integer BatchNormalization, and a Conv followed by a float BatchNormalization cannot fuse.
+//! - With calibration ranges (`smooth`): a normalisation output's outlier channels move into the
+//!   MatMul weights that read it (SmoothQuant).
 
 use std::collections::HashSet;
 
@@ -145,6 +147,257 @@ fn fold_batch_norm(graph: &mut onnx::GraphProto, bn: usize) -> Result<Option<Mer
         op_type: removed.op_type().to_string(),
         into: conv_label,
     }))
+}
+
+/// A per-channel affine output that MatMuls read, whose channels can move into their weights
+/// (SmoothQuant, `calib::smooth`): a `LayerNormalization` over the last axis, or `Add(Mul(x, g), b)`
+/// with constant vectors `g` and `b` (a decomposed one).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Smoothable {
+    /// The affine output.
+    pub tensor: String,
+    pub channels: usize,
+    /// Per channel, the largest |weight| of its row over the MatMuls whose weight absorbs the factor.
+    pub weight_absmax: Vec<f32>,
+}
+
+/// Where a smoothable output comes from and who reads it.
+struct Affine {
+    /// Node of the per-channel scale (LayerNormalization or the Mul) and that input's index.
+    scale: (usize, usize),
+    /// Node of the per-channel shift and that input's index, when there is one.
+    shift: Option<(usize, usize)>,
+    /// The node writing the output (LayerNormalization or the Add).
+    producer: usize,
+    /// MatMuls whose constant 2-D weight (read by nothing else) absorbs the factors.
+    matmuls: Vec<usize>,
+    /// Every other reader: it gets the output back through a float Mul by the factors.
+    others: Vec<usize>,
+}
+
+/// The constant float vector `name` of `channels` values, if it is one.
+fn vector(constants: &Constants, name: &str) -> Result<Option<Vec<f32>>> {
+    match constants.get(name) {
+        Some(t) if t.data_type() == DataType::Float as i32 && onnx::tensor_dims(t)?.len() == 1 => {
+            Ok(Some(onnx::tensor_f32(t)?))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// The affine structure behind `tensor`, when it can be smoothed.
+fn affine(graph: &onnx::GraphProto, tensor: &str) -> Result<Option<(Affine, usize)>> {
+    let constants = Constants::of(graph);
+    let readers = |t: &str| -> Vec<usize> {
+        (0..graph.node.len())
+            .filter(|&i| graph.node[i].input.iter().any(|x| x == t))
+            .collect()
+    };
+    if graph.output.iter().any(|o| o.name() == tensor) {
+        return Ok(None);
+    }
+    let Some(producer) = graph
+        .node
+        .iter()
+        .position(|n| n.output.first().map(String::as_str) == Some(tensor))
+    else {
+        return Ok(None);
+    };
+    let p = &graph.node[producer];
+    if !matches!(p.domain(), "" | "ai.onnx") {
+        return Ok(None);
+    }
+    let (scale, shift, channels) = match p.op_type() {
+        "LayerNormalization" => {
+            let extra_outputs = p.output.iter().skip(1).any(|o| !o.is_empty());
+            let Some(g) = p
+                .input
+                .get(1)
+                .map(|g| vector(&constants, g))
+                .transpose()?
+                .flatten()
+            else {
+                return Ok(None);
+            };
+            let shift = match p.input.get(2).filter(|b| !b.is_empty()) {
+                Some(b) => match vector(&constants, b)? {
+                    Some(v) if v.len() == g.len() => Some((producer, 2)),
+                    _ => return Ok(None),
+                },
+                None => None,
+            };
+            if extra_outputs || onnx::attr_i(p, "axis", -1) != -1 {
+                return Ok(None);
+            }
+            ((producer, 1), shift, g.len())
+        }
+        "Add" => {
+            let Some(k) =
+                (0..2).find(|&k| p.input.get(k).is_some_and(|b| constants.get(b).is_some()))
+            else {
+                return Ok(None);
+            };
+            let Some(b) = vector(&constants, &p.input[k])? else {
+                return Ok(None);
+            };
+            let m = &p.input[1 - k];
+            let Some(mul) = graph.node.iter().position(|n| n.output.first() == Some(m)) else {
+                return Ok(None);
+            };
+            let mn = &graph.node[mul];
+            if mn.op_type() != "Mul"
+                || readers(m).len() != 1
+                || graph.output.iter().any(|o| o.name() == m)
+            {
+                return Ok(None);
+            }
+            let Some(j) =
+                (0..2).find(|&j| mn.input.get(j).is_some_and(|g| constants.get(g).is_some()))
+            else {
+                return Ok(None);
+            };
+            match vector(&constants, &mn.input[j])? {
+                Some(g) if g.len() == b.len() => ((mul, j), Some((producer, k)), g.len()),
+                _ => return Ok(None),
+            }
+        }
+        _ => return Ok(None),
+    };
+    let mut matmuls = vec![];
+    let mut others = vec![];
+    for r in readers(tensor) {
+        let n = &graph.node[r];
+        let absorbs = n.op_type() == "MatMul"
+            && matches!(n.domain(), "" | "ai.onnx")
+            && n.input.first().map(String::as_str) == Some(tensor)
+            && n.input.get(1).is_some_and(|w| {
+                w != tensor
+                    && readers(w).len() == 1
+                    && constants.get(w).is_some_and(|t| {
+                        t.data_type() == DataType::Float as i32
+                            && onnx::tensor_dims(t).is_ok_and(|d| d.len() == 2 && d[0] == channels)
+                    })
+            });
+        if absorbs {
+            matmuls.push(r);
+        } else {
+            others.push(r);
+        }
+    }
+    if matmuls.is_empty() || channels == 0 {
+        return Ok(None);
+    }
+    Ok(Some((
+        Affine {
+            scale,
+            shift,
+            producer,
+            matmuls,
+            others,
+        },
+        channels,
+    )))
+}
+
+/// Every output of the graph that `smooth` can rescale, in graph order.
+pub fn smoothable(model: &ModelProto) -> Result<Vec<Smoothable>> {
+    let Some(graph) = model.graph.as_ref() else {
+        return Ok(vec![]);
+    };
+    let constants = Constants::of(graph);
+    let mut out = vec![];
+    for n in &graph.node {
+        let Some(tensor) = n
+            .output
+            .first()
+            .filter(|_| matches!(n.op_type(), "LayerNormalization" | "Add"))
+        else {
+            continue;
+        };
+        let Some((a, channels)) = affine(graph, tensor)? else {
+            continue;
+        };
+        let mut weight_absmax = vec![0f32; channels];
+        for &m in &a.matmuls {
+            let w = constants
+                .get(&graph.node[m].input[1])
+                .context("MatMul weight is a constant")?;
+            let values = onnx::tensor_f32(w)?;
+            for (j, row) in values.chunks(values.len() / channels).enumerate() {
+                let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                weight_absmax[j] = weight_absmax[j].max(m);
+            }
+        }
+        out.push(Smoothable {
+            tensor: tensor.clone(),
+            channels,
+            weight_absmax,
+        });
+    }
+    Ok(out)
+}
+
+/// Divides channel `j` of `tensor` (a `Smoothable`) by `factors[j]`: its affine scale and shift
+/// are divided, the rows of the MatMul weights that read it multiplied, and every other reader
+/// reads it back through a float `Mul` by the factors, inserted after its producer. The model
+/// computes what it did, up to float rounding.
+pub fn smooth(model: &mut ModelProto, tensor: &str, factors: &[f32]) -> Result<()> {
+    let graph = model.graph.as_mut().context("model has no graph")?;
+    let (a, channels) =
+        affine(graph, tensor)?.with_context(|| format!("tensor '{tensor}' cannot be smoothed"))?;
+    anyhow::ensure!(
+        factors.len() == channels,
+        "{} factors for {channels} channels",
+        factors.len()
+    );
+    let mut names = onnx::Names::of(graph);
+    let rescale = |graph: &mut onnx::GraphProto,
+                   names: &mut onnx::Names,
+                   (node, k): (usize, usize),
+                   op: &dyn Fn(f32, f32) -> f32|
+     -> Result<()> {
+        let name = graph.node[node].input[k].clone();
+        let t = Constants::of(graph).get(&name).context("constant")?.clone();
+        let (dims, values) = (onnx::tensor_dims(&t)?, onnx::tensor_f32(&t)?);
+        let per_row = values.len() / channels;
+        let scaled = values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| op(v, factors[i / per_row.max(1)]))
+            .collect();
+        let stored = store(graph, &name, make(&name, &dims, scaled), names);
+        graph.node[node].input[k] = stored;
+        Ok(())
+    };
+    rescale(graph, &mut names, a.scale, &|v, s| v / s)?;
+    if let Some(shift) = a.shift {
+        rescale(graph, &mut names, shift, &|v, s| v / s)?;
+    }
+    for &m in &a.matmuls {
+        rescale(graph, &mut names, (m, 1), &|v, s| v * s)?;
+    }
+    if !a.others.is_empty() {
+        let factor_name = names.fresh(&format!("{tensor}_smoothing"));
+        graph
+            .initializer
+            .push(make(&factor_name, &[channels], factors.to_vec()));
+        let restored = names.fresh(&format!("{tensor}_unsmoothed"));
+        for &r in &a.others {
+            for i in graph.node[r].input.iter_mut().filter(|i| *i == tensor) {
+                *i = restored.clone();
+            }
+        }
+        let label = onnx::node_label(&graph.node[a.producer]);
+        let mul = NodeProto {
+            op_type: Some("Mul".into()),
+            name: Some(names.fresh(&format!("{label}/unsmooth"))),
+            input: vec![tensor.to_string(), factor_name],
+            output: vec![restored],
+            ..Default::default()
+        };
+        graph.node.insert(a.producer + 1, mul);
+    }
+    Ok(())
 }
 
 fn make(name: &str, dims: &[usize], values: Vec<f32>) -> TensorProto {

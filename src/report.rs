@@ -103,6 +103,8 @@ pub struct Report {
     pub auto: Option<crate::quantize::auto::AutoReport>,
     /// What rounding with error feedback did, when it ran.
     pub rounding: Option<crate::quantize::rounding::RoundingReport>,
+    /// Normalisation outputs whose outlier channels moved into the MatMuls reading them (SmoothQuant).
+    pub smoothed: Vec<String>,
     /// Each site's cost alone, costliest first (with --sensitivity or a target).
     pub sensitivity: Option<Vec<crate::protect::SiteSensitivity>>,
     /// What the accuracy fallback kept float (with --max-loss or --min-agreement).
@@ -184,6 +186,7 @@ impl Report {
             lapq: None,
             auto: None,
             rounding: None,
+            smoothed: vec![],
             sensitivity: None,
             fallback: None,
             fusion: vec![],
@@ -212,6 +215,14 @@ impl Report {
             self.calibration_samples,
             self.timings.total_ms as f64 / 1000.0
         );
+        if !self.smoothed.is_empty() {
+            s.push_str(&format!(
+                "\n  smoothing: {} normalisation outputs moved their outlier channels into the MatMuls \
+                 reading them (SmoothQuant, alpha {})",
+                self.smoothed.len(),
+                crate::calib::smooth::ALPHA
+            ));
+        }
         if let Some(r) = &self.rounding {
             s.push_str(&format!(
                 "\n  rounding: error feedback (GPTQ) on {} weights: loss {:.3e} against {:.3e} with nearest \

@@ -40,6 +40,30 @@ pub struct WindowMeans {
     pub count: u64,
 }
 
+/// A statistic of a layer's input windows, fed one input tensor at a time.
+pub trait WindowStat {
+    /// Adds one input tensor of the layer. `kernel` is the weight's spatial shape (empty for Gemm).
+    fn observe(
+        &mut self,
+        window: &Window,
+        kernel: &[usize],
+        dims: &[usize],
+        x: &[f32],
+    ) -> Result<()>;
+}
+
+impl WindowStat for WindowMeans {
+    fn observe(
+        &mut self,
+        window: &Window,
+        kernel: &[usize],
+        dims: &[usize],
+        x: &[f32],
+    ) -> Result<()> {
+        WindowMeans::observe(self, window, kernel, dims, x)
+    }
+}
+
 impl WindowMeans {
     /// Adds one input tensor of the layer. `kernel` is the weight's spatial shape (empty for Gemm).
     pub fn observe(

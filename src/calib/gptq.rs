@@ -9,7 +9,7 @@ use anyhow::{Result, anyhow, ensure};
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Mat, Side};
 
-use super::bias::{Window, geometry};
+use super::bias::{Window, WindowStat, geometry};
 use super::grid::Grid;
 
 /// Relative damping added to the Gram matrix's diagonal (the GPTQ authors' 1 % of its mean), which
@@ -27,10 +27,9 @@ pub struct WindowGram {
     pub count: u64,
 }
 
-impl WindowGram {
-    /// Adds one input tensor of the layer. `kernel` is the weight's spatial shape (empty for Gemm).
-    /// Handles Gemm and ungrouped 1-D and 2-D Conv.
-    pub fn observe(
+impl WindowStat for WindowGram {
+    /// Handles Gemm, MatMul (`Window::Dense`) and ungrouped 1-D and 2-D Conv.
+    fn observe(
         &mut self,
         window: &Window,
         kernel: &[usize],
@@ -124,7 +123,9 @@ impl WindowGram {
             }
         }
     }
+}
 
+impl WindowGram {
     /// Adds `P^T P` for `patches` `P` (`rows x k`, row-major).
     fn add(&mut self, patches: &[f32], rows: usize, k: usize) -> Result<()> {
         if self.k == 0 {

@@ -11,6 +11,7 @@ mod loss;
 mod pfit;
 mod powell;
 pub mod search;
+pub mod smooth;
 mod stats;
 
 pub use clip::{Clipping, alpha_from_histogram, alpha_from_values, clipped_range, lp_error};

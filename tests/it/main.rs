@@ -12,6 +12,7 @@ mod onnx_io;
 mod oracle;
 mod protect;
 mod rounding;
+mod smoothing;
 mod targets;
 mod transformer;
 
