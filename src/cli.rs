@@ -120,9 +120,10 @@ pub struct QuantizeArgs {
     /// inputs' correlations over the calibration data; nearest: every value to its nearest code.
     #[arg(long, value_enum, default_value_t = RoundingArg::Gptq)]
     pub rounding: RoundingArg,
-    /// Keep normalisation outputs as they are (by default, a LayerNormalization or per-channel
-    /// Mul-Add output read by MatMuls moves its outlier channels into their weights, SmoothQuant's
-    /// migration, and its other readers get it back through a float Mul).
+    /// Keep normalisation outputs as they are (by default, a LayerNormalization, or a per-channel
+    /// Mul or Mul-Add as decomposed LayerNorms and RMSNorms end, read by MatMuls moves its outlier
+    /// channels into their weights, SmoothQuant's migration, and its other readers get it back
+    /// through a float Mul).
     #[arg(long)]
     pub no_smoothing: bool,
     /// Class labels of the calibration samples, one integer per line in the data's order: LAPQ's

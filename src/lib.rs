@@ -446,8 +446,10 @@ fn observe(
             ));
         }
     }
-    // (weight site, tap, window, kernel) of every weight that rounds with error feedback.
+    // (weight site, tap, window, kernel) of every weight that rounds with error feedback, in plan
+    // order while their Gram matrices fit the budget (the rest round to nearest).
     let mut gram_layers = vec![];
+    let mut gram_bytes = 0usize;
     for (k, site) in plan.weights.iter().enumerate() {
         let Some((node, window)) = quantize::rounding::eligible(index, plan, k, config)? else {
             continue;
@@ -456,7 +458,18 @@ fn observe(
             .constant(&site.tensor)
             .context("weight is a constant")?
             .tensor();
-        let kernel = onnx::tensor_dims(wt)?.get(2..).unwrap_or(&[]).to_vec();
+        let dims = onnx::tensor_dims(wt)?;
+        let columns = match window {
+            calib::bias::Window::Dense { trans_b: true, .. } => dims.get(1).copied().unwrap_or(0),
+            calib::bias::Window::Dense { .. } => dims.first().copied().unwrap_or(0),
+            calib::bias::Window::Conv { .. } => dims.iter().skip(1).product(),
+        };
+        let bytes = columns * columns * std::mem::size_of::<f64>();
+        if gram_bytes + bytes > GRAM_BUDGET {
+            continue;
+        }
+        gram_bytes += bytes;
+        let kernel = dims.get(2..).unwrap_or(&[]).to_vec();
         gram_layers.push((k, tap(&index.node(node).input[0]), window, kernel));
     }
     let float = oracle::FloatModel::load(model.path(), &taps)?;
@@ -522,6 +535,11 @@ fn observe(
         grams,
     })
 }
+
+/// Bytes of Gram matrices the statistics pass holds per worker for rounding with error feedback
+/// (each `K x K` f64 for weight rows of `K` values): all-MiniLM-L6-v2 needs 149 MB, EfficientNet-
+/// Lite0 76 MB; a decoder with 4096-wide layers would need 134 MB per layer.
+const GRAM_BUDGET: usize = 1 << 30;
 
 /// Feeds tap `k`'s tensor to the window statistic of every layer (`(site, tap, window, kernel)`)
 /// reading it; a statistic becomes `None` once a tensor does not fit its layer's geometry.

@@ -150,8 +150,8 @@ fn fold_batch_norm(graph: &mut onnx::GraphProto, bn: usize) -> Result<Option<Mer
 }
 
 /// A per-channel affine output that MatMuls read, whose channels can move into their weights
-/// (SmoothQuant, `calib::smooth`): a `LayerNormalization` over the last axis, or `Add(Mul(x, g), b)`
-/// with constant vectors `g` and `b` (a decomposed one).
+/// (SmoothQuant, `calib::smooth`): a `LayerNormalization` over the last axis, `Add(Mul(x, g), b)`
+/// with constant vectors `g` and `b` (a decomposed one), or `Mul(x, g)` alone (RMSNorm's end).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Smoothable {
     /// The affine output.
@@ -261,6 +261,17 @@ fn affine(graph: &onnx::GraphProto, tensor: &str) -> Result<Option<(Affine, usiz
                 _ => return Ok(None),
             }
         }
+        "Mul" => {
+            let Some(j) =
+                (0..2).find(|&j| p.input.get(j).is_some_and(|g| constants.get(g).is_some()))
+            else {
+                return Ok(None);
+            };
+            match vector(&constants, &p.input[j])? {
+                Some(g) => ((producer, j), None, g.len()),
+                None => return Ok(None),
+            }
+        }
         _ => return Ok(None),
     };
     let mut matmuls = vec![];
@@ -310,7 +321,7 @@ pub fn smoothable(model: &ModelProto) -> Result<Vec<Smoothable>> {
         let Some(tensor) = n
             .output
             .first()
-            .filter(|_| matches!(n.op_type(), "LayerNormalization" | "Add"))
+            .filter(|_| matches!(n.op_type(), "LayerNormalization" | "Add" | "Mul"))
         else {
             continue;
         };
@@ -323,7 +334,7 @@ pub fn smoothable(model: &ModelProto) -> Result<Vec<Smoothable>> {
                 .get(&graph.node[m].input[1])
                 .context("MatMul weight is a constant")?;
             let values = onnx::tensor_f32(w)?;
-            for (j, row) in values.chunks(values.len() / channels).enumerate() {
+            for (j, row) in values.chunks((values.len() / channels).max(1)).enumerate() {
                 let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
                 weight_absmax[j] = weight_absmax[j].max(m);
             }

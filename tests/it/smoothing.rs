@@ -5,7 +5,7 @@
 use crate::{check_qdq, py, quantize_reporting, tempdir};
 
 /// Writes `<kind>.onnx` and `<kind>.npz` (kind: `ln`, a LayerNormalization; `affine`, a Mul-Add by
-/// constant vectors): the affine output `t` (channel 3 scaled x20, an outlier) feeds a MatMul (output
+/// constant vectors; `scale`, a Mul by a constant vector, as RMSNorm ends): the affine output `t` (channel 3 scaled x20, an outlier) feeds a MatMul (output
 /// `h`) and, as the skip path, the Add after it (output `y`).
 const MODELS: &str = r#"
 import sys, os, numpy as np, onnx
@@ -17,13 +17,16 @@ g = np.ones(C, np.float32); g[3] = 20.0
 b = (0.1 * rng.standard_normal(C)).astype(np.float32)
 w = (rng.standard_normal((C, C)) / 4).astype(np.float32)
 x = rng.standard_normal((32, 8, C)).astype(np.float32)
-for kind in ("ln", "affine"):
+for kind in ("ln", "affine", "scale"):
     inits = [numpy_helper.from_array(g, "gamma"), numpy_helper.from_array(b, "beta"), numpy_helper.from_array(w, "w")]
     if kind == "ln":
         nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["t"], name="ln", axis=-1)]
-    else:
+    elif kind == "affine":
         nodes = [helper.make_node("Mul", ["x", "gamma"], ["a"], name="scale"),
                  helper.make_node("Add", ["a", "beta"], ["t"], name="shift")]
+    else:
+        nodes = [helper.make_node("Mul", ["x", "gamma"], ["t"], name="scale")]
+        inits = inits[:1] + inits[2:]
     nodes += [helper.make_node("MatMul", ["t", "w"], ["h"], name="proj"),
               helper.make_node("Add", ["h", "t"], ["y"], name="skip")]
     graph = helper.make_graph(nodes, kind,
@@ -46,7 +49,7 @@ fn rel_rms(m: &serde_json::Value) -> f64 {
 fn outlier_channels_move_into_the_matmul_weights() {
     let dir = tempdir();
     py(MODELS, &[dir.path()]);
-    for kind in ["ln", "affine"] {
+    for kind in ["ln", "affine", "scale"] {
         let model = dir.path().join(format!("{kind}.onnx"));
         let calib = dir.path().join(format!("{kind}.npz"));
         let out = dir.path().join(format!("{kind}.q.onnx"));
