@@ -60,19 +60,6 @@ impl WindowStat for WindowMeans {
         dims: &[usize],
         x: &[f32],
     ) -> Result<()> {
-        WindowMeans::observe(self, window, kernel, dims, x)
-    }
-}
-
-impl WindowMeans {
-    /// Adds one input tensor of the layer. `kernel` is the weight's spatial shape (empty for Gemm).
-    pub fn observe(
-        &mut self,
-        window: &Window,
-        kernel: &[usize],
-        dims: &[usize],
-        x: &[f32],
-    ) -> Result<()> {
         ensure!(
             dims.iter().product::<usize>() == x.len(),
             "input shape {dims:?} does not match its data"
@@ -159,7 +146,9 @@ impl WindowMeans {
         }
         Ok(())
     }
+}
 
+impl WindowMeans {
     /// Adds the sums of another part of the calibration set.
     pub fn merge(&mut self, other: &WindowMeans) {
         if self.sums.len() < other.sums.len() {
