@@ -91,51 +91,6 @@ pub struct Calibrated {
     pub smoothed: Vec<String>,
 }
 
-/// SmoothQuant's migration on every smoothable normalisation output (`prepare::smoothable`) with
-/// outlier channels (`calib::smooth::has_outliers`), from the per-channel ranges one float pass over
-/// `samples` gives; returns the tensors smoothed.
-fn smooth_model(
-    model: &mut onnx::ModelProto,
-    samples: &[data::Sample],
-    progress: bool,
-) -> Result<Vec<String>> {
-    let targets = prepare::smoothable(model)?;
-    if targets.is_empty() {
-        return Ok(vec![]);
-    }
-    let staged = onnx::StagedModel::new(model)?;
-    let taps: Vec<String> = targets.iter().map(|t| t.tensor.clone()).collect();
-    let float = oracle::FloatModel::load(staged.path(), &taps)?;
-    let bar = progress_bar(samples.len() as u64, "smoothing", "samples", progress);
-    let per_worker = float.observe(
-        samples,
-        || vec![vec![]; targets.len()],
-        |acc: &mut Vec<Vec<f32>>, k, _, values| {
-            calib::smooth::observe_channel_absmax(&mut acc[k], values, targets[k].channels);
-        },
-        &|| bar.inc(1),
-    )?;
-    bar.finish_and_clear();
-    drop(float);
-    let mut smoothed = vec![];
-    for (k, t) in targets.iter().enumerate() {
-        let mut absmax = vec![0f32; t.channels];
-        for acc in &per_worker {
-            for (m, &v) in absmax.iter_mut().zip(&acc[k]) {
-                *m = m.max(v);
-            }
-        }
-        if !calib::smooth::has_outliers(&absmax) {
-            continue;
-        }
-        let factors =
-            calib::smooth::migration_scales(&absmax, &t.weight_absmax, calib::smooth::ALPHA);
-        prepare::smooth(model, &t.tensor, &factors)?;
-        smoothed.push(t.tensor.clone());
-    }
-    Ok(smoothed)
-}
-
 /// The stages up to calibration: read, data, smoothing, index, plan, statistics, calibrate.
 pub fn calibrate(job: &Job) -> Result<Calibrated> {
     let mut timings = Timings::start();
@@ -147,7 +102,7 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
     drop(raw);
     timings.lap("data");
     let smoothed = if job.quant.smoothing {
-        smooth_model(&mut model, &samples, job.progress)?
+        quantize::smoothing::smooth(&mut model, &samples, job.progress)?
     } else {
         vec![]
     };
@@ -198,43 +153,8 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         }
         _ => {}
     }
-    round_weights(&mut c, &job.quant)?;
+    quantize::rounding::round(&mut c, &job.quant)?;
     Ok(c)
-}
-
-/// Chooses the codes of the weights that round with error feedback, for the run's final scales, and
-/// keeps them where the network's loss on the loss samples (the first `lapq_samples`) is not above
-/// the loss with nearest rounding: error feedback lowers each layer's own error, not always the
-/// network's.
-fn round_weights(c: &mut Calibrated, config: &QuantConfig) -> Result<()> {
-    if c.grams.iter().all(Option::is_none) {
-        return Ok(());
-    }
-    let index = GraphIndex::new(&c.model)?;
-    let rounded =
-        quantize::rounding::round_weights(&index, &c.plan, &c.params, &c.grams, &c.biases, config)?;
-    drop(index);
-    let weights = rounded.weight_values.iter().flatten().count();
-    if weights == 0 {
-        return Ok(());
-    }
-    let n = config.lapq_samples.clamp(1, c.samples.len().max(1));
-    let oracle = oracle(c, n, 1)?;
-    let nearest_loss = oracle.score(&c.params)?.loss;
-    let gptq_loss = oracle.score(&rounded)?.loss;
-    let kept = gptq_loss <= nearest_loss;
-    if kept {
-        c.params = rounded;
-    }
-    c.rounding = Some(quantize::rounding::RoundingReport {
-        weights,
-        nearest_loss,
-        gptq_loss,
-        kept,
-        samples: n,
-    });
-    c.timings.lap("rounding");
-    Ok(())
 }
 
 /// `calibrate`, then, when the job asks, each site's sensitivity and the accuracy fallback: sites it
@@ -277,7 +197,7 @@ fn calibrate_protected(
         c.params = chosen
             .params
             .context("internal: the fallback kept no parameters")?;
-        round_weights(&mut c, q)?;
+        quantize::rounding::round(&mut c, q)?;
     }
     report.exported = Some(oracle(&c, n, 1)?.score(&c.params)?);
     c.timings
@@ -459,11 +379,7 @@ fn observe(
             .context("weight is a constant")?
             .tensor();
         let dims = onnx::tensor_dims(wt)?;
-        let columns = match window {
-            calib::bias::Window::Dense { trans_b: true, .. } => dims.get(1).copied().unwrap_or(0),
-            calib::bias::Window::Dense { .. } => dims.first().copied().unwrap_or(0),
-            calib::bias::Window::Conv { .. } => dims.iter().skip(1).product(),
-        };
+        let (_, columns) = quantize::rounding::row_shape(&dims, &window);
         let bytes = columns * columns * std::mem::size_of::<f64>();
         if gram_bytes + bytes > GRAM_BUDGET {
             continue;

@@ -12,6 +12,7 @@ use std::collections::HashSet;
 
 use anyhow::{Context, Result};
 
+use crate::ir::GraphIndex;
 use crate::onnx::{self, DataType, ModelProto, NodeProto, TensorData, TensorProto};
 
 /// A node the rewrites removed, and into which node it went.
@@ -175,9 +176,9 @@ struct Affine {
     others: Vec<usize>,
 }
 
-/// The constant float vector `name` of `channels` values, if it is one.
-fn vector(constants: &Constants, name: &str) -> Result<Option<Vec<f32>>> {
-    match constants.get(name) {
+/// The constant float vector `name`, if it is one.
+fn vector(index: &GraphIndex, name: &str) -> Result<Option<Vec<f32>>> {
+    match index.constant(name).map(|c| c.tensor()) {
         Some(t) if t.data_type() == DataType::Float as i32 && onnx::tensor_dims(t)?.len() == 1 => {
             Ok(Some(onnx::tensor_f32(t)?))
         }
@@ -185,26 +186,25 @@ fn vector(constants: &Constants, name: &str) -> Result<Option<Vec<f32>>> {
     }
 }
 
-/// The affine structure behind `tensor`, when it can be smoothed.
-fn affine(graph: &onnx::GraphProto, tensor: &str) -> Result<Option<(Affine, usize)>> {
-    let constants = Constants::of(graph);
-    let readers = |t: &str| -> Vec<usize> {
-        (0..graph.node.len())
-            .filter(|&i| graph.node[i].input.iter().any(|x| x == t))
-            .collect()
-    };
-    if graph.output.iter().any(|o| o.name() == tensor) {
-        return Ok(None);
-    }
-    let Some(producer) = graph
-        .node
-        .iter()
-        .position(|n| n.output.first().map(String::as_str) == Some(tensor))
-    else {
+/// The input of `node` (0 or 1) that is a constant, if one is.
+fn constant_input(index: &GraphIndex, node: &NodeProto) -> Option<usize> {
+    (0..2).find(|&k| {
+        node.input
+            .get(k)
+            .is_some_and(|c| index.constant(c).is_some())
+    })
+}
+
+/// The affine structure behind `tensor`, when it can be smoothed, and its channel count.
+fn affine(index: &GraphIndex, tensor: &str) -> Result<Option<(Affine, usize)>> {
+    let Some(producer) = index.producer(tensor) else {
         return Ok(None);
     };
-    let p = &graph.node[producer];
-    if !matches!(p.domain(), "" | "ai.onnx") {
+    let p = index.node(producer);
+    if index.is_graph_output(tensor)
+        || !matches!(p.domain(), "" | "ai.onnx")
+        || p.output.first().map(String::as_str) != Some(tensor)
+    {
         return Ok(None);
     }
     let (scale, shift, channels) = match p.op_type() {
@@ -213,14 +213,14 @@ fn affine(graph: &onnx::GraphProto, tensor: &str) -> Result<Option<(Affine, usiz
             let Some(g) = p
                 .input
                 .get(1)
-                .map(|g| vector(&constants, g))
+                .map(|g| vector(index, g))
                 .transpose()?
                 .flatten()
             else {
                 return Ok(None);
             };
             let shift = match p.input.get(2).filter(|b| !b.is_empty()) {
-                Some(b) => match vector(&constants, b)? {
+                Some(b) => match vector(index, b)? {
                     Some(v) if v.len() == g.len() => Some((producer, 2)),
                     _ => return Ok(None),
                 },
@@ -232,42 +232,33 @@ fn affine(graph: &onnx::GraphProto, tensor: &str) -> Result<Option<(Affine, usiz
             ((producer, 1), shift, g.len())
         }
         "Add" => {
-            let Some(k) =
-                (0..2).find(|&k| p.input.get(k).is_some_and(|b| constants.get(b).is_some()))
-            else {
+            let Some(k) = constant_input(index, p) else {
                 return Ok(None);
             };
-            let Some(b) = vector(&constants, &p.input[k])? else {
+            let Some(b) = vector(index, &p.input[k])? else {
                 return Ok(None);
             };
             let m = &p.input[1 - k];
-            let Some(mul) = graph.node.iter().position(|n| n.output.first() == Some(m)) else {
+            let Some(mul) = index.producer(m) else {
                 return Ok(None);
             };
-            let mn = &graph.node[mul];
-            if mn.op_type() != "Mul"
-                || readers(m).len() != 1
-                || graph.output.iter().any(|o| o.name() == m)
-            {
+            let mn = index.node(mul);
+            if mn.op_type() != "Mul" || index.consumers(m).len() != 1 || index.is_graph_output(m) {
                 return Ok(None);
             }
-            let Some(j) =
-                (0..2).find(|&j| mn.input.get(j).is_some_and(|g| constants.get(g).is_some()))
-            else {
+            let Some(j) = constant_input(index, mn) else {
                 return Ok(None);
             };
-            match vector(&constants, &mn.input[j])? {
+            match vector(index, &mn.input[j])? {
                 Some(g) if g.len() == b.len() => ((mul, j), Some((producer, k)), g.len()),
                 _ => return Ok(None),
             }
         }
         "Mul" => {
-            let Some(j) =
-                (0..2).find(|&j| p.input.get(j).is_some_and(|g| constants.get(g).is_some()))
-            else {
+            let Some(j) = constant_input(index, p) else {
                 return Ok(None);
             };
-            match vector(&constants, &p.input[j])? {
+            match vector(index, &p.input[j])? {
                 Some(g) => ((producer, j), None, g.len()),
                 None => return Ok(None),
             }
@@ -276,15 +267,16 @@ fn affine(graph: &onnx::GraphProto, tensor: &str) -> Result<Option<(Affine, usiz
     };
     let mut matmuls = vec![];
     let mut others = vec![];
-    for r in readers(tensor) {
-        let n = &graph.node[r];
+    for &r in index.consumers(tensor) {
+        let n = index.node(r);
         let absorbs = n.op_type() == "MatMul"
             && matches!(n.domain(), "" | "ai.onnx")
             && n.input.first().map(String::as_str) == Some(tensor)
             && n.input.get(1).is_some_and(|w| {
                 w != tensor
-                    && readers(w).len() == 1
-                    && constants.get(w).is_some_and(|t| {
+                    && index.consumers(w).len() == 1
+                    && index.constant(w).is_some_and(|c| {
+                        let t = c.tensor();
                         t.data_type() == DataType::Float as i32
                             && onnx::tensor_dims(t).is_ok_and(|d| d.len() == 2 && d[0] == channels)
                     })
@@ -312,12 +304,9 @@ fn affine(graph: &onnx::GraphProto, tensor: &str) -> Result<Option<(Affine, usiz
 
 /// Every output of the graph that `smooth` can rescale, in graph order.
 pub fn smoothable(model: &ModelProto) -> Result<Vec<Smoothable>> {
-    let Some(graph) = model.graph.as_ref() else {
-        return Ok(vec![]);
-    };
-    let constants = Constants::of(graph);
+    let index = GraphIndex::new(model)?;
     let mut out = vec![];
-    for n in &graph.node {
+    for n in &index.graph.node {
         let Some(tensor) = n
             .output
             .first()
@@ -325,15 +314,15 @@ pub fn smoothable(model: &ModelProto) -> Result<Vec<Smoothable>> {
         else {
             continue;
         };
-        let Some((a, channels)) = affine(graph, tensor)? else {
+        let Some((a, channels)) = affine(&index, tensor)? else {
             continue;
         };
         let mut weight_absmax = vec![0f32; channels];
         for &m in &a.matmuls {
-            let w = constants
-                .get(&graph.node[m].input[1])
+            let w = index
+                .constant(&index.node(m).input[1])
                 .context("MatMul weight is a constant")?;
-            let values = onnx::tensor_f32(w)?;
+            let values = onnx::tensor_f32(w.tensor())?;
             for (j, row) in values.chunks((values.len() / channels).max(1)).enumerate() {
                 let m = row.iter().fold(0f32, |m, v| m.max(v.abs()));
                 weight_absmax[j] = weight_absmax[j].max(m);
@@ -353,9 +342,9 @@ pub fn smoothable(model: &ModelProto) -> Result<Vec<Smoothable>> {
 /// reads it back through a float `Mul` by the factors, inserted after its producer. The model
 /// computes what it did, up to float rounding.
 pub fn smooth(model: &mut ModelProto, tensor: &str, factors: &[f32]) -> Result<()> {
+    let (a, channels) = affine(&GraphIndex::new(model)?, tensor)?
+        .with_context(|| format!("tensor '{tensor}' cannot be smoothed"))?;
     let graph = model.graph.as_mut().context("model has no graph")?;
-    let (a, channels) =
-        affine(graph, tensor)?.with_context(|| format!("tensor '{tensor}' cannot be smoothed"))?;
     anyhow::ensure!(
         factors.len() == channels,
         "{} factors for {channels} channels",

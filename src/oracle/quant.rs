@@ -227,11 +227,17 @@ impl FakeQuant {
             .as_ref()
             .context("quantization parameters were never set")?;
         let (key, values) = (self.slot_params(params), self.slot_values(params));
+        let rounded = self.slot_rounded(params);
         if let Some(cache) = &self.cache {
             let cached = cache.lock().map_err(|_| anyhow!("weight cache poisoned"))?;
-            if let Some((p, v, value)) = cached.as_ref()
+            if let Some((p, v, r, value)) = cached.as_ref()
                 && p == key
                 && v == values
+                && match (r, rounded) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                }
             {
                 return Ok(value.clone());
             }
@@ -242,8 +248,12 @@ impl FakeQuant {
         self.apply(params, view.as_slice_mut::<f32>()?, &dims)?;
         let value = t.into_tvalue();
         if let Some(cache) = &self.cache {
-            *cache.lock().map_err(|_| anyhow!("weight cache poisoned"))? =
-                Some((key.clone(), values.to_vec(), value.clone()));
+            *cache.lock().map_err(|_| anyhow!("weight cache poisoned"))? = Some((
+                key.clone(),
+                values.to_vec(),
+                rounded.cloned(),
+                value.clone(),
+            ));
         }
         Ok(value)
     }
@@ -280,15 +290,20 @@ impl FakeQuant {
         }
     }
 
-    /// A bias site's float value as it is quantized, a weight site's values chosen by rounding with
-    /// error feedback (empty for other sites and for weights that round to nearest).
+    /// A bias site's float value as it is quantized (empty for other sites).
     fn slot_values<'p>(&self, params: &'p Params) -> &'p [f32] {
-        let (a, w) = (self.table.activations, self.table.weights);
-        match self.slot {
-            s if s < a => &[],
-            s if s < a + w => params.rounded(s - a).unwrap_or(&[]),
-            s => params.bias_values.get(s - a - w).map_or(&[], Vec::as_slice),
+        let first_bias = self.table.activations + self.table.weights;
+        match self.slot.checked_sub(first_bias) {
+            Some(b) => params.bias_values.get(b).map_or(&[], Vec::as_slice),
+            None => &[],
         }
+    }
+
+    /// A weight site's values chosen by rounding with error feedback (`None` for other sites and
+    /// for weights that round to nearest).
+    fn slot_rounded<'p>(&self, params: &'p Params) -> Option<&'p Arc<[f32]>> {
+        let k = self.slot.checked_sub(self.table.activations)?;
+        params.weight_values.get(k)?.as_ref()
     }
 
     fn apply(&self, params: &Params, data: &mut [f32], dims: &[usize]) -> Result<()> {
@@ -388,9 +403,10 @@ impl TypedOp for FakeQuant {
     as_op!();
 }
 
-/// The last result of a weight or bias site and the parameters (and bias values) it was computed
-/// with.
-type WeightCache = Mutex<Option<(QParams, Vec<f32>, TValue)>>;
+/// The last result of a weight or bias site and what it was computed from: the parameters, the bias
+/// values, and a weight's rounded values (compared by allocation: `Params` shares them, so the
+/// oracle's hot path never compares a whole weight).
+type WeightCache = Mutex<Option<(QParams, Vec<f32>, Option<Arc<[f32]>>, TValue)>>;
 
 /// The last inputs of a memoized node and its outputs for them.
 type MemoCache = Mutex<Option<(TVec<TValue>, TVec<TValue>)>>;

@@ -3,3 +3,4 @@
 
 pub mod auto;
 pub mod rounding;
+pub mod smoothing;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 
+use crate::Calibrated;
 use crate::calib::bias::Window;
 use crate::calib::gptq::{WindowGram, round_rows};
 use crate::calib::{Params, QParams};
@@ -66,9 +67,43 @@ pub fn eligible(
     })
 }
 
+/// Chooses the codes of the weights that round with error feedback, for the run's final scales, and
+/// keeps them where the network's loss on the loss samples (the first `lapq_samples`) is not above
+/// the loss with nearest rounding: error feedback lowers each layer's own error, not always the
+/// network's.
+pub(crate) fn round(c: &mut Calibrated, config: &QuantConfig) -> Result<()> {
+    if c.grams.iter().all(Option::is_none) {
+        return Ok(());
+    }
+    let index = GraphIndex::new(&c.model)?;
+    let rounded = round_weights(&index, &c.plan, &c.params, &c.grams, &c.biases, config)?;
+    drop(index);
+    let weights = rounded.weight_values.iter().flatten().count();
+    if weights == 0 {
+        return Ok(());
+    }
+    let n = config.lapq_samples.clamp(1, c.samples.len().max(1));
+    let oracle = crate::oracle(c, n, 1)?;
+    let nearest_loss = oracle.score(&c.params)?.loss;
+    let gptq_loss = oracle.score(&rounded)?.loss;
+    let kept = gptq_loss <= nearest_loss;
+    if kept {
+        c.params = rounded;
+    }
+    c.rounding = Some(RoundingReport {
+        weights,
+        nearest_loss,
+        gptq_loss,
+        kept,
+        samples: n,
+    });
+    c.timings.lap("rounding");
+    Ok(())
+}
+
 /// `params` with the codes of every weight that has a Gram matrix (`grams`, indexed like
 /// `plan.weights`) chosen by error feedback, and every bias corrected for them.
-pub(crate) fn round_weights(
+fn round_weights(
     index: &GraphIndex,
     plan: &QuantPlan,
     params: &Params,
@@ -103,6 +138,16 @@ pub(crate) fn round_weights(
     )
 }
 
+/// A weight's output channels (rows) and the values of each row, from its shape `dims` (rank 2 or
+/// more) and how it meets its input.
+pub fn row_shape(dims: &[usize], window: &Window) -> (usize, usize) {
+    let at = |i: usize| dims.get(i).copied().unwrap_or(0);
+    match window {
+        Window::Dense { trans_b: false, .. } => (at(1), at(0)),
+        _ => (at(0), dims.iter().skip(1).product()),
+    }
+}
+
 /// One weight's rounded values in its own layout. Output channels are rows: axis 0 of Conv and of
 /// Gemm with `transB`, axis 1 of Gemm without and of MatMul.
 fn round_weight(
@@ -114,11 +159,7 @@ fn round_weight(
 ) -> Result<Vec<f32>> {
     let transposed = matches!(window, Window::Dense { trans_b: false, .. });
     ensure!(dims.len() >= 2, "weight of shape {dims:?}");
-    let (rows, k) = if transposed {
-        (dims[1], dims[0])
-    } else {
-        (dims[0], w.len() / dims[0].max(1))
-    };
+    let (rows, k) = row_shape(dims, window);
     ensure!(
         k == gram.k,
         "rows of {k} values for input windows of {}",
