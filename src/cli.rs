@@ -10,6 +10,7 @@ use lapq::config::{
     ChannelOrder, Container, DataConfig, Deploy, ImageConfig, Job, Layout, Method, QuantConfig,
     Rounding,
 };
+use lapq::eval::Arithmetic;
 
 /// Post-training quantization of float ONNX models into QDQ ONNX models for ONNX Runtime.
 #[derive(Parser, Debug)]
@@ -50,9 +51,22 @@ pub struct EvalArgs {
     pub seed: u64,
     #[command(flatten)]
     pub image: ImageArgs,
+    /// Run the quantized model as written (qdq, the same on every CPU) or as ONNX Runtime's fused
+    /// integer kernels compute it on a CPU: x86-avx2 (x86-64 without VNNI, whose uint8 x int8 kernels
+    /// saturate 16-bit pair sums), x86-vnni and arm64 (32-bit sums: the Q/DQ semantics).
+    #[arg(long, value_enum, default_value = "qdq", value_name = "ARITHMETIC")]
+    pub arithmetic: ArithmeticArg,
     /// Print the metrics as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ArithmeticArg {
+    Qdq,
+    X86Avx2,
+    X86Vnni,
+    Arm64,
 }
 
 impl EvalArgs {
@@ -66,6 +80,12 @@ impl EvalArgs {
                 seed: self.seed,
                 image: self.image.to_config()?,
                 labels: self.labels.clone(),
+            },
+            arithmetic: match self.arithmetic {
+                ArithmeticArg::Qdq => Arithmetic::Qdq,
+                ArithmeticArg::X86Avx2 => Arithmetic::X86Avx2,
+                ArithmeticArg::X86Vnni => Arithmetic::X86Vnni,
+                ArithmeticArg::Arm64 => Arithmetic::Arm64,
             },
         })
     }

@@ -95,6 +95,17 @@ fn verdict(index: &GraphIndex, node: &NodeProto) -> Verdict {
     }
 }
 
+/// The nodes ONNX Runtime runs in a uint8 x int8 kernel whose 16-bit pair sums their weights can
+/// saturate on x86 without VNNI (those `inspect --fusion` warns about), in graph order.
+pub(crate) fn saturating_nodes<'m>(index: &GraphIndex<'m>) -> Vec<&'m NodeProto> {
+    index
+        .graph
+        .node
+        .iter()
+        .filter(|n| judge(index, n).is_ok() && saturation(index, n).is_some())
+        .collect()
+}
+
 /// Why a fused Conv (but depthwise), MatMul or Gemm can saturate on x86 without VNNI: there the
 /// uint8 x int8 kernels add products in 16-bit pairs, and int8 weights beyond [-64, 64] can overflow
 /// them (ONNX Runtime's own S8-to-U8 conversion uses the same bound).

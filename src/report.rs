@@ -272,7 +272,7 @@ impl Report {
             let saturating = self.fusion.iter().filter(|v| v.warning.is_some()).count();
             if saturating > 0 {
                 s.push_str(&format!(
-                    "\n  warning: {saturating} fused kernels can saturate on x86 without VNNI (lapq inspect --fusion names them)"
+                    "\n  warning: {saturating} fused kernels can saturate on x86 without VNNI (lapq inspect --fusion names them; lapq eval --arithmetic x86-avx2 measures what they compute)"
                 ));
             }
         }

@@ -177,7 +177,7 @@ fn input(node: &NodeProto, k: usize) -> Option<&str> {
 }
 
 /// The scale and zero point (0 when absent) of a QuantizeLinear or DequantizeLinear; both constants.
-fn params(index: &GraphIndex, node: &NodeProto) -> Result<(Vec<f32>, Vec<i64>)> {
+pub(super) fn params(index: &GraphIndex, node: &NodeProto) -> Result<(Vec<f32>, Vec<i64>)> {
     let label = onnx::node_label(node);
     let constant = |k: usize| -> Result<Option<&TensorProto>> {
         match input(node, k) {
@@ -204,7 +204,7 @@ fn params(index: &GraphIndex, node: &NodeProto) -> Result<(Vec<f32>, Vec<i64>)> 
 }
 
 /// The element type a QuantizeLinear writes: its zero point's, else `output_dtype`, else uint8.
-fn quantized_type(index: &GraphIndex, q: &NodeProto) -> Result<DataType> {
+pub(super) fn quantized_type(index: &GraphIndex, q: &NodeProto) -> Result<DataType> {
     let code = match input(q, 2).and_then(|z| index.constant(z)) {
         Some(z) => z.tensor().data_type(),
         None => match onnx::attr_i(q, "output_dtype", 0) {

@@ -3,9 +3,12 @@
 //! Both models run through tract (the oracle module); the quantized one as the float arithmetic its
 //! Q/DQ nodes describe (`dequantized`), so that models tract cannot load as they are (INT4 weights,
 //! 16-bit activations) are evaluated too. The numbers are those of the QDQ semantics, as ONNX Runtime
-//! computes them without fusing; fused integer kernels round differently in the last code.
+//! computes them without fusing; fused integer kernels round differently in the last code, except
+//! on x86 without VNNI, whose uint8 x int8 kernels saturate 16-bit pair sums: `Arithmetic::X86Avx2`
+//! computes that too (`kernels`).
 
 mod dequant;
+mod kernels;
 
 pub use dequant::dequantized;
 
@@ -25,6 +28,35 @@ pub struct EvalJob {
     pub float: PathBuf,
     pub quant: PathBuf,
     pub data: DataConfig,
+    pub arithmetic: Arithmetic,
+}
+
+/// Whose arithmetic the quantized model runs with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Arithmetic {
+    /// The Q/DQ nodes as written: ONNX Runtime without graph optimizations, the same on every CPU.
+    #[default]
+    Qdq,
+    /// ONNX Runtime's fused kernels on x86-64 with AVX2 and no VNNI: uint8 x int8 products added in
+    /// 16-bit pairs that saturate.
+    X86Avx2,
+    /// Fused kernels on x86-64 with VNNI: 32-bit sums, the Q/DQ semantics.
+    X86Vnni,
+    /// Fused kernels on 64-bit Arm: 32-bit sums, the Q/DQ semantics.
+    Arm64,
+}
+
+impl Arithmetic {
+    /// The name `--arithmetic` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arithmetic::Qdq => "qdq",
+            Arithmetic::X86Avx2 => "x86-avx2",
+            Arithmetic::X86Vnni => "x86-vnni",
+            Arithmetic::Arm64 => "arm64",
+        }
+    }
 }
 
 /// The comparison of a quantized model with its float original.
@@ -33,6 +65,10 @@ pub struct Evaluation {
     pub float_model: String,
     pub quant_model: String,
     pub samples: usize,
+    pub arithmetic: Arithmetic,
+    /// The nodes whose fused kernel departs from the Q/DQ semantics under `arithmetic` (their 16-bit
+    /// pair sums can saturate), computed as that kernel does.
+    pub saturating_nodes: Vec<String>,
     /// One entry per graph output, in the models' order.
     pub outputs: Vec<OutputMetrics>,
     /// Top-1 accuracy against the labels (given labels and a single classifier output).
@@ -96,7 +132,12 @@ pub fn evaluate(job: &EvalJob) -> Result<Evaluation> {
     );
     let crate::data::Dataset { samples, labels } =
         crate::data::load(&job.data, float_index.inputs())?;
-    let deq = dequantized(&quant).with_context(|| format!("model {}", job.quant.display()))?;
+    let mut deq = dequantized(&quant).with_context(|| format!("model {}", job.quant.display()))?;
+    let saturating_nodes = match job.arithmetic {
+        Arithmetic::X86Avx2 => kernels::saturate_pairs(&quant, &mut deq)
+            .with_context(|| format!("model {}", job.quant.display()))?,
+        Arithmetic::Qdq | Arithmetic::X86Vnni | Arithmetic::Arm64 => vec![],
+    };
     drop((float_index, quant_index));
     let run = |model: &onnx::ModelProto, path: &Path| -> Result<Vec<SampleOutputs>> {
         let staged = onnx::StagedModel::new(model)?;
@@ -121,6 +162,8 @@ pub fn evaluate(job: &EvalJob) -> Result<Evaluation> {
         float_model: job.float.display().to_string(),
         quant_model: job.quant.display().to_string(),
         samples: samples.len(),
+        arithmetic: job.arithmetic,
+        saturating_nodes,
         outputs: metrics,
         accuracy,
     })
@@ -129,8 +172,16 @@ pub fn evaluate(job: &EvalJob) -> Result<Evaluation> {
 impl Evaluation {
     /// The metrics as lines of text.
     pub fn summary(&self) -> String {
+        let arithmetic = match self.arithmetic {
+            Arithmetic::Qdq => "Q/DQ as written".to_string(),
+            a => format!(
+                "{} fused kernels, {} node(s) saturating 16-bit pair sums",
+                a.name(),
+                self.saturating_nodes.len()
+            ),
+        };
         let mut s = format!(
-            "{} vs {}: {} samples\n",
+            "{} vs {}: {} samples, {arithmetic}\n",
             self.quant_model, self.float_model, self.samples
         );
         for o in &self.outputs {
