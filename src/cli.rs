@@ -29,6 +29,21 @@ pub enum Command {
     /// Compare a QDQ model with its float original on data: per output cosine, SQNR and, for
     /// classifiers, top-1 agreement and KL divergence (and accuracy with --labels).
     Eval(EvalArgs),
+    /// Write the float model that computes what a QDQ model computes, as written or as a CPU's
+    /// fused integer kernels compute it: for running it in any float runtime with your own metrics.
+    Emulate(EmulateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct EmulateArgs {
+    /// The quantized (QDQ) model.
+    pub quant: PathBuf,
+    /// Where to write the float model (written whole or not at all).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// The arithmetic to compute, as for lapq eval: qdq, x86-avx2, x86-vnni, arm64.
+    #[arg(long, value_enum, default_value = "qdq", value_name = "ARITHMETIC")]
+    pub arithmetic: ArithmeticArg,
 }
 
 #[derive(Args, Debug)]
@@ -69,6 +84,17 @@ pub enum ArithmeticArg {
     Arm64,
 }
 
+impl From<ArithmeticArg> for Arithmetic {
+    fn from(a: ArithmeticArg) -> Arithmetic {
+        match a {
+            ArithmeticArg::Qdq => Arithmetic::Qdq,
+            ArithmeticArg::X86Avx2 => Arithmetic::X86Avx2,
+            ArithmeticArg::X86Vnni => Arithmetic::X86Vnni,
+            ArithmeticArg::Arm64 => Arithmetic::Arm64,
+        }
+    }
+}
+
 impl EvalArgs {
     pub fn to_job(&self) -> Result<lapq::eval::EvalJob> {
         Ok(lapq::eval::EvalJob {
@@ -81,12 +107,7 @@ impl EvalArgs {
                 image: self.image.to_config()?,
                 labels: self.labels.clone(),
             },
-            arithmetic: match self.arithmetic {
-                ArithmeticArg::Qdq => Arithmetic::Qdq,
-                ArithmeticArg::X86Avx2 => Arithmetic::X86Avx2,
-                ArithmeticArg::X86Vnni => Arithmetic::X86Vnni,
-                ArithmeticArg::Arm64 => Arithmetic::Arm64,
-            },
+            arithmetic: self.arithmetic.into(),
         })
     }
 }

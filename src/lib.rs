@@ -302,7 +302,7 @@ fn plan_model(
 }
 
 /// Fails early, before any long work, when the output cannot be written or would overwrite the input.
-fn check_output_path(model: &Path, output: &Path) -> Result<()> {
+pub fn check_output_path(model: &Path, output: &Path) -> Result<()> {
     let dir = output
         .parent()
         .filter(|p| !p.as_os_str().is_empty())

@@ -54,6 +54,18 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", evaluation.summary());
             }
         }
+        Command::Emulate(args) => {
+            lapq::check_output_path(&args.quant, &args.output)?;
+            let (quant, external) = lapq::onnx::read_model(&args.quant)?;
+            let (model, saturating) = lapq::eval::emulated(&quant, args.arithmetic.into())
+                .map_err(|e| e.context(format!("model {}", args.quant.display())))?;
+            lapq::onnx::write_model(&model, &args.output, external)?;
+            eprintln!(
+                "wrote {} ({} node(s) computed as saturating 16-bit pair sums)",
+                args.output.display(),
+                saturating.len()
+            );
+        }
         Command::Inspect(args) if args.fusion => {
             let (model, _) = lapq::onnx::read_model(&args.model)?;
             let verdicts = lapq::fusion::fusion(&model)

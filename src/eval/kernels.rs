@@ -330,7 +330,8 @@ impl Layer {
     }
 
     /// The pairs of output column `n` of group `g` that can saturate, as (2j, w_2j, w_2j+1): those
-    /// whose weights could reach 2^15 with activation codes up to 255.
+    /// whose weights could reach 2^15 with activation codes up to 255. Weights of opposite signs
+    /// cannot (the sum stays within 255 x 128).
     fn saturable(&self, g: usize, n: usize) -> Vec<(usize, f32, f32)> {
         let (w, k, columns) = (&self.weights[g], self.k, self.n);
         (0..k)
@@ -342,7 +343,8 @@ impl Layer {
                 } else {
                     0.0
                 };
-                (255.0 * (even.abs() + odd.abs()) > 32767.0).then_some((j, even, odd))
+                let same_sign = even * odd >= 0.0;
+                (same_sign && 255.0 * (even.abs() + odd.abs()) > 32767.0).then_some((j, even, odd))
             })
             .collect()
     }
@@ -373,17 +375,15 @@ impl Layer {
                 (w_even[at], w_odd[at]) = (a, b);
             }
         }
+        // K x M, so that each pair slot gathers a whole row.
         let flat = e.i64s("shape", &[2], vec![-1, k as i64]);
         let rows = e.op("Reshape", &[codes, &flat], vec![]);
+        let columns = e.op("Transpose", &[&rows], vec![ints("perm", &[1, 0])]);
         let mut products = vec![];
         for (index, weights) in [(even, w_even), (odd, w_odd)] {
             let index = e.i64s("index", &[slots], index);
-            let picked = e.op(
-                "Gather",
-                &[&rows, &index],
-                vec![onnx::make_attr_i("axis", 1)],
-            );
-            let weights = e.f32s("pair_weights", &[slots], weights);
+            let picked = e.op("Gather", &[&columns, &index], vec![]);
+            let weights = e.f32s("pair_weights", &[slots, 1], weights);
             products.push(e.op("Mul", &[&picked, &weights], vec![]));
         }
         let sums = e.op("Add", &[&products[0], &products[1]], vec![]);
@@ -392,12 +392,13 @@ impl Layer {
         let clipped = e.op("Max", &[&sums, &low], vec![]);
         let clipped = e.op("Min", &[&clipped, &high], vec![]);
         let lost = e.op("Sub", &[&clipped, &sums], vec![]);
-        let per_column = e.i64s("shape", &[3], vec![-1, n as i64, widest as i64]);
+        let per_column = e.i64s("shape", &[3], vec![n as i64, widest as i64, -1]);
         let lost = e.op("Reshape", &[&lost, &per_column], vec![]);
-        let ones = e.f32s("ones", &[widest, 1], vec![1.0; widest]);
-        let total = e.op("MatMul", &[&lost, &ones], vec![]);
-        let shape = e.i64s("shape", &[2], vec![-1, n as i64]);
+        let ones = e.f32s("ones", &[1, widest], vec![1.0; widest]);
+        let total = e.op("MatMul", &[&ones, &lost], vec![]);
+        let shape = e.i64s("shape", &[2], vec![n as i64, -1]);
         let total = e.op("Reshape", &[&total, &shape], vec![]);
+        let total = e.op("Transpose", &[&total], vec![ints("perm", &[1, 0])]);
         let scale = e.f32s("out_scale", &[n], scale.to_vec());
         e.op("Mul", &[&total, &scale], vec![])
     }

@@ -132,12 +132,8 @@ pub fn evaluate(job: &EvalJob) -> Result<Evaluation> {
     );
     let crate::data::Dataset { samples, labels } =
         crate::data::load(&job.data, float_index.inputs())?;
-    let mut deq = dequantized(&quant).with_context(|| format!("model {}", job.quant.display()))?;
-    let saturating_nodes = match job.arithmetic {
-        Arithmetic::X86Avx2 => kernels::saturate_pairs(&quant, &mut deq)
-            .with_context(|| format!("model {}", job.quant.display()))?,
-        Arithmetic::Qdq | Arithmetic::X86Vnni | Arithmetic::Arm64 => vec![],
-    };
+    let (deq, saturating_nodes) = emulated(&quant, job.arithmetic)
+        .with_context(|| format!("model {}", job.quant.display()))?;
     drop((float_index, quant_index));
     let run = |model: &onnx::ModelProto, path: &Path| -> Result<Vec<SampleOutputs>> {
         let staged = onnx::StagedModel::new(model)?;
@@ -167,6 +163,21 @@ pub fn evaluate(job: &EvalJob) -> Result<Evaluation> {
         outputs: metrics,
         accuracy,
     })
+}
+
+/// The float model that computes what the QDQ model `quant` computes under `arithmetic` (`lapq
+/// emulate`), and the nodes whose fused kernels depart from the Q/DQ semantics there. Errors name
+/// the node that prevents it.
+pub fn emulated(
+    quant: &onnx::ModelProto,
+    arithmetic: Arithmetic,
+) -> Result<(onnx::ModelProto, Vec<String>)> {
+    let mut model = dequantized(quant)?;
+    let saturating = match arithmetic {
+        Arithmetic::X86Avx2 => kernels::saturate_pairs(quant, &mut model)?,
+        Arithmetic::Qdq | Arithmetic::X86Vnni | Arithmetic::Arm64 => vec![],
+    };
+    Ok((model, saturating))
 }
 
 impl Evaluation {

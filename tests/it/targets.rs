@@ -191,7 +191,8 @@ np.savez(os.path.join(d, "eval.npz"), x=rng.uniform(-0.25, 1.0, (24, 3, 12, 12))
 "#;
 
 /// Runs the float model (argv 2) unoptimized and the quantized one (argv 3) fused, one sample at a
-/// time, and prints lapq eval's metrics of the latter against the former: mean cosine, SQNR in dB.
+/// time, prints lapq eval's metrics of the latter against the former: mean cosine, SQNR in dB, and
+/// saves the fused outputs (argv 4, .npy).
 const FUSED_METRICS: &str = r#"
 import sys, numpy as np, onnxruntime as ort
 ort.set_default_logger_severity(3)
@@ -204,6 +205,20 @@ f = run(sys.argv[2], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
 q = run(sys.argv[3], ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
 cos = np.mean([(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b)) for a, b in zip(f, q)])
 print(cos, 10 * np.log10((f ** 2).sum() / ((f - q) ** 2).sum()))
+np.save(sys.argv[4], q)
+"#;
+
+/// Checks the model `lapq emulate` wrote (argv 2) with onnx.checker, runs it in ONNX Runtime on this
+/// CPU and prints its largest difference from the saved fused outputs (argv 3), relative to their
+/// largest magnitude.
+const EMULATED_VS_FUSED: &str = r#"
+import sys, numpy as np, onnx, onnxruntime as ort
+onnx.checker.check_model(onnx.load(sys.argv[2]), full_check=True)
+x = np.load(sys.argv[1])["x"]
+s = ort.InferenceSession(sys.argv[2], providers=["CPUExecutionProvider"])
+e = np.concatenate([s.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
+fused = np.load(sys.argv[3])
+print(float(np.abs(e - fused).max() / np.abs(fused).max()))
 "#;
 
 /// `lapq eval --arithmetic x86-avx2` computes what ONNX Runtime's fused kernels compute on an x86
@@ -234,7 +249,7 @@ fn avx2_arithmetic_eval_matches_onnx_runtime_fused_on_x86_without_vnni() {
         .arg(interpreter)
         .arg("-c")
         .arg(FUSED_METRICS)
-        .args([&data, &model, &full])
+        .args([&data, &model, &full, &dir.path().join("fused.npy")])
         .env("PYTHONPATH", site.trim())
         .output()
         .expect("qemu runs");
@@ -266,6 +281,26 @@ fn avx2_arithmetic_eval_matches_onnx_runtime_fused_on_x86_without_vnni() {
     let (_, qdq_sqnr, none) = metrics("qdq", &full);
     assert_eq!(none, 0);
     assert!(qdq_sqnr > ort_sqnr + 6.0, "{qdq_sqnr} dB vs {stdout}");
+    // `lapq emulate` writes the same arithmetic as a float model any runtime runs.
+    let emulated = dir.path().join("emulated.onnx");
+    let o = lapq(&[
+        "emulate",
+        full.to_str().unwrap(),
+        "-o",
+        emulated.to_str().unwrap(),
+        "--arithmetic",
+        "x86-avx2",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let gap: f64 = py_output(
+        EMULATED_VS_FUSED,
+        &[&data, &emulated, &dir.path().join("fused.npy")],
+    )
+    .trim()
+    .parse()
+    .expect("a number");
+    eprintln!("lapq emulate vs ONNX Runtime fused without VNNI: {gap} of the largest output");
+    assert!(gap < 1e-5, "emulated vs fused without VNNI: {gap}");
     // The portable export has nothing to saturate: its x86-avx2 arithmetic is its Q/DQ semantics.
     let portable = dir.path().join("portable.onnx");
     quantize_reporting(&model, &portable, &calib, &[]);
