@@ -28,11 +28,13 @@ data; each metric's primary score (higher is better, in [0, 1]) comes first:
 Rows per model: lapq with no options, lapq's previous default (--rounding nearest --no-smoothing) and the
 model's extra lapq configurations, then ONNX Runtime's
 quantize_static (QDQ, QUInt8 activations, QInt8 weights) at its best of MinMax/Entropy/Percentile x
-per-tensor/per-channel x reduce_range off/on, chosen separately for the unfused and the fused column
+per-tensor/per-channel x reduce_range off/on, chosen separately for each score column
 (every configuration's scores, and failures, in OUT_DIR/anchors_<model>.json; only the winners' models
 are kept; ORT's Entropy and Percentile calibrators cannot stack samples of different shapes, so
 they fail on silero_vad and minilm, whose samples vary in length). Columns: the primary score with ONNX Runtime running the Q/DQ nodes as written
-(ORT_DISABLE_ALL, with the detail) and fused into integer kernels on this CPU (ORT_ENABLE_ALL); SQNR (dB,
+(ORT_DISABLE_ALL, with the detail), fused into integer kernels on this CPU (ORT_ENABLE_ALL), and fused on x86
+without VNNI (AVX2; the float model `lapq emulate --arithmetic x86-avx2` writes, which computes those kernels'
+saturating 16-bit pair sums, run by ONNX Runtime: the issue's machine kind whatever this CPU is); SQNR (dB,
 unfused, first or scored output); integer kernels and float Conv/MatMul/Gemm/Add/Mul/Concat left in ONNX
 Runtime's optimized graph; latency quantized / float (ORT_ENABLE_ALL, one thread, batch 1, median of
 --latency-runs runs through 4 evaluation samples, float and quantized interleaved); quantization seconds.
@@ -374,16 +376,31 @@ def cpu_info():
     return model, {flag: flag in flags for flag in ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")}
 
 
-def evaluate(path, evaluation, float_outs, metric, output):
-    """Scores of a quantized model: Q/DQ as written (ORT_DISABLE_ALL) and fused (ORT_ENABLE_ALL)."""
+def emulated(lapq, path):
+    """The float model `lapq emulate --arithmetic x86-avx2` writes for a QDQ model (what ONNX Runtime's
+    fused kernels compute on x86 without VNNI), beside it."""
+    out = path[:-len(".onnx")] + ".x86-avx2.onnx"
+    proc = subprocess.run([lapq, "emulate", path, "-o", out, "--arithmetic", "x86-avx2"],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError((proc.stderr.strip() or "lapq emulate failed").splitlines()[-1])
+    return out
+
+
+def evaluate(path, evaluation, float_outs, metric, output, lapq):
+    """Scores of a quantized model: Q/DQ as written (ORT_DISABLE_ALL), fused on this CPU (ORT_ENABLE_ALL),
+    and fused on x86 without VNNI (its `lapq emulate --arithmetic x86-avx2` model, ORT_DISABLE_ALL)."""
     ok, error = ortcheck.check_model(path)
     if not ok:
         return {"error": f"checker FAILED: {error.splitlines()[0][:100]}"}
     result = {"error": None}
     f = np.concatenate(float_outs)  # silero: clips of varying length
-    for column, level in (("unfused", UNFUSED), ("fused", FUSED)):
+    for column, level in (("unfused", UNFUSED), ("fused", FUSED), ("avx2", UNFUSED)):
         try:
-            outs = run(ortcheck.session(path, level), evaluation, output)
+            model = emulated(lapq, path) if column == "avx2" else path
+            outs = run(ortcheck.session(model, level), evaluation, output)
+            if column == "avx2":
+                os.remove(model)
         except Exception as e:  # ORT raises several types
             result[column], result[column + "_detail"] = float("nan"), f"FAILED: {str(e).splitlines()[0][:80]}"
             continue
@@ -446,6 +463,11 @@ def ort_quantize(path, out, calib, config, extra_options=None):
                            extra_options=extra_options or {})
 
 
+# Score columns: Q/DQ as written, fused on this CPU, fused on x86 without VNNI (emulated)
+COLUMNS = ("unfused", "fused", "avx2")
+COLUMN_NAMES = {"unfused": "unfused", "fused": "fused", "avx2": "x86-avx2"}
+
+
 def best(results, column):
     """The configuration with the highest score in a column (first in ORT_CONFIGS order on ties), or None."""
     scored = [r for r in results if not r["error"] and not np.isnan(r.get(column, float("nan")))]
@@ -475,7 +497,7 @@ def compare(name, lapq, out_dir, rng, ort_configs, scale, latency_runs):
             lines = (proc.stderr.strip() or "no message").splitlines()
             result = {"error": f"FAILED: {lines[-1][:110]}"}
         else:
-            result = evaluate(out, evaluation, float_outs, metric, output)
+            result = evaluate(out, evaluation, float_outs, metric, output, lapq)
             if not result["error"]:
                 result["latency"] = latency.ratio(out)
         result.update(label=label, flags=flags, seconds=seconds)
@@ -489,45 +511,42 @@ def compare(name, lapq, out_dir, rng, ort_configs, scale, latency_runs):
         try:
             ort_quantize(path, out, calib, config)
             seconds = time.time() - start
-            result = evaluate(out, evaluation, float_outs, metric, output)
+            result = evaluate(out, evaluation, float_outs, metric, output, lapq)
         except Exception as e:  # ORT's quantizer raises many types (Entropy/Percentile on -inf masks, ...)
             seconds = time.time() - start
             result = {"error": f"FAILED: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:90]}"}
         result.update(config=config, path=out, seconds=seconds)
         anchors.append(result)
         print(" | ".join(table_row(name, dict(result, label=f"ORT {config}"))), file=sys.stderr, flush=True)
-    best_unfused, best_fused = best(anchors, "unfused"), best(anchors, "fused")
-    for winner in {id(w): w for w in (best_unfused, best_fused) if w}.values():
+    winners = {column: best(anchors, column) for column in COLUMNS}
+    unique = {id(w): w for w in winners.values() if w}
+    for winner in unique.values():
         winner["latency"] = latency.ratio(winner["path"])
     for r in anchors:  # only the winners' files are kept
-        if r is not best_unfused and r is not best_fused and os.path.exists(r["path"]):
+        if id(r) not in unique and os.path.exists(r["path"]):
             os.remove(r["path"])
-    if best_unfused is not None and best_unfused is best_fused:
-        results.append(dict(best_unfused, label=f"ORT best: {best_unfused['config']}"))
-    else:
-        if best_unfused is not None:
-            results.append(dict(best_unfused, label=f"ORT best unfused: {best_unfused['config']}"))
-        if best_fused is not None:
-            results.append(dict(best_fused, label=f"ORT best fused: {best_fused['config']}"))
-    if best_unfused is None and best_fused is None:
+    for winner in unique.values():
+        columns = [c for c in COLUMNS if winners[c] is winner]
+        which = "" if len(columns) == len(COLUMNS) else " " + ", ".join(COLUMN_NAMES[c] for c in columns)
+        results.append(dict(winner, label=f"ORT best{which}: {winner['config']}"))
+    if not unique:
         results.append({"label": "ORT", "error": f"all {len(anchors)} configurations failed",
                         "seconds": sum(r["seconds"] for r in anchors)})
 
     default = results[0]
     verdict = []
-    for column, winner in (("unfused", best_unfused), ("fused", best_fused)):
+    for column, winner in winners.items():
         mine = float("nan") if default["error"] else default.get(column, float("nan"))
         if winner is None:
-            verdict.append(f"{column} {'yes' if not np.isnan(mine) else 'no'} (no ORT score)")
+            verdict.append(f"{COLUMN_NAMES[column]} {'yes' if not np.isnan(mine) else 'no'} (no ORT score)")
         else:
-            verdict.append(f"{column} {'yes' if mine >= winner[column] - TOLERANCE else 'no'}")
+            verdict.append(f"{COLUMN_NAMES[column]} {'yes' if mine >= winner[column] - TOLERANCE else 'no'}")
     line = f"{name}: lapq default >= ORT best (within {TOLERANCE}): {', '.join(verdict)}"
 
     with open(os.path.join(out_dir, f"anchors_{name}.json"), "w") as f:
         json.dump({"model": name, "cpu": cpu_info()[0], "calibration_samples": len(calib),
                    "evaluation_samples": len(evaluation), "lapq_default": clean(default),
-                   "best_unfused": best_unfused and best_unfused["config"],
-                   "best_fused": best_fused and best_fused["config"],
+                   **{f"best_{c}": w and w["config"] for c, w in winners.items()},
                    "configurations": [clean(r) for r in anchors]}, f, indent=1)
     return [table_row(name, r) for r in results], line
 
@@ -550,12 +569,14 @@ def num(x, fmt):
 
 def table_row(name, r):
     if r.get("error"):
-        return [name, r["label"], r["error"], "", "", "", "", "", "", f"{r['seconds']:.1f}"]
+        return [name, r["label"], r["error"], "", "", "", "", "", "", "", f"{r['seconds']:.1f}"]
     diff = r["fused"] - r["unfused"]
-    return [name, r["label"], f"{num(r['unfused'], '.4f')} ({r['unfused_detail']})",
-            f"{num(r['fused'], '.4f')}" + (f" ({r['fused_detail']})" if r["fused_detail"].startswith("FAILED")
-                                           else ""),
-            num(diff, "+.4f"), num(r.get("sqnr"), ".1f"), str(r["int_ops"]), str(r["float_ops"]),
+
+    def score(column):
+        detail = r[column + "_detail"]
+        return f"{num(r[column], '.4f')}" + (f" ({detail})" if detail.startswith("FAILED") else "")
+    return [name, r["label"], f"{num(r['unfused'], '.4f')} ({r['unfused_detail']})", score("fused"),
+            num(diff, "+.4f"), score("avx2"), num(r.get("sqnr"), ".1f"), str(r["int_ops"]), str(r["float_ops"]),
             num(r.get("latency"), ".2f") + ("x" if r.get("latency") is not None else ""),
             f"{r['seconds']:.1f}"]
 
@@ -582,7 +603,7 @@ def main():
     for config in ort_configs:
         parse_ort_config(config)
     header = ["model", "quantizer", "unfused (ORT_DISABLE_ALL)", "fused (ORT_ENABLE_ALL)", "fused - unfused",
-              "SQNR dB", "int ops", "float ops", "latency / float", "seconds"]
+              "fused, x86 without VNNI", "SQNR dB", "int ops", "float ops", "latency / float", "seconds"]
     table, verdicts = [header], []
     for name in names:
         rows, verdict = compare(name, args.lapq, args.out_dir, np.random.default_rng(args.seed), ort_configs,
