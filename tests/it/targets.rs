@@ -1,5 +1,6 @@
-//! `--target`: each deployment target's weight widths, checked in ONNX Runtime, and the portable
-//! export's integer arithmetic on an x86 CPU without VNNI (emulated by qemu-user).
+//! `--target`: each deployment target's weight widths, checked in ONNX Runtime; the portable export's
+//! integer arithmetic and `lapq eval --arithmetic x86-avx2` against ONNX Runtime on an x86 CPU without
+//! VNNI (emulated by qemu-user).
 
 use std::path::Path;
 use std::process::Command;
@@ -107,23 +108,14 @@ for p in sys.argv[2:]:
     print(p.rsplit("/", 1)[-1], float(np.abs(a - b).max() / np.abs(a).max()))
 "#;
 
-/// Needs `qemu-x86_64` (Debian's qemu-user, which `.ci/run` installs): ONNX Runtime then runs on an
-/// emulated Haswell, AVX2 without VNNI, and picks the kernels such CPUs run.
-#[test]
-fn portable_export_matches_its_qdq_semantics_on_x86_without_vnni() {
+/// Runs the Python `script` with `args` in the test environment's interpreter on qemu's emulated
+/// Haswell (AVX2 without VNNI), where ONNX Runtime picks the kernels such CPUs run, and returns its
+/// standard output; `None` without `qemu-x86_64` (Debian's qemu-user, which `.ci/run` installs).
+fn on_haswell(script: &str, args: &[&Path]) -> Option<String> {
     let qemu = "qemu-x86_64";
     if Command::new(qemu).arg("--version").output().is_err() {
         eprintln!("skipped: {qemu} not found (apt-get install qemu-user)");
-        return;
-    }
-    let dir = tempdir();
-    py(SATURATING, &[dir.path()]);
-    let (model, calib) = (dir.path().join("model.onnx"), dir.path().join("calib.npz"));
-    let mut outs = vec![];
-    for target in ["portable", "x86-vnni"] {
-        let out = dir.path().join(format!("{target}.onnx"));
-        quantize_reporting(&model, &out, &calib, &["--target", target]);
-        outs.push(out);
+        return None;
     }
     // Emulated, the venv's interpreter needs its real path and the venv's packages.
     let interpreter = std::fs::canonicalize(python()).expect("python path");
@@ -135,14 +127,31 @@ fn portable_export_matches_its_qdq_semantics_on_x86_without_vnni() {
         .args(["-cpu", "Haswell"])
         .arg(interpreter)
         .arg("-c")
-        .arg(FUSED_VS_UNFUSED)
-        .arg(&calib)
-        .args(&outs)
+        .arg(script)
+        .args(args)
         .env("PYTHONPATH", site.trim())
         .output()
         .expect("qemu runs");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let stdout = String::from_utf8_lossy(&o.stdout);
+    Some(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+#[test]
+fn portable_export_matches_its_qdq_semantics_on_x86_without_vnni() {
+    let dir = tempdir();
+    py(SATURATING, &[dir.path()]);
+    let (model, calib) = (dir.path().join("model.onnx"), dir.path().join("calib.npz"));
+    let mut outs = vec![];
+    for target in ["portable", "x86-vnni"] {
+        let out = dir.path().join(format!("{target}.onnx"));
+        quantize_reporting(&model, &out, &calib, &["--target", target]);
+        outs.push(out);
+    }
+    let mut args = vec![calib.as_path()];
+    args.extend(outs.iter().map(|o| o.as_path()));
+    let Some(stdout) = on_haswell(FUSED_VS_UNFUSED, &args) else {
+        return;
+    };
     let diff = |name: &str| -> f64 {
         stdout
             .lines()
@@ -227,11 +236,6 @@ print(float(np.abs(e - fused).max() / np.abs(fused).max()))
 /// the stem's padding as 0 instead of the zero point costs 0.03 dB).
 #[test]
 fn avx2_arithmetic_eval_matches_onnx_runtime_fused_on_x86_without_vnni() {
-    let qemu = "qemu-x86_64";
-    if Command::new(qemu).arg("--version").output().is_err() {
-        eprintln!("skipped: {qemu} not found (apt-get install qemu-user)");
-        return;
-    }
     let dir = tempdir();
     py(SATURATING_NET, &[dir.path()]);
     let model = dir.path().join("model.onnx");
@@ -239,22 +243,10 @@ fn avx2_arithmetic_eval_matches_onnx_runtime_fused_on_x86_without_vnni() {
     let full = dir.path().join("x86-vnni.onnx");
     quantize_reporting(&model, &full, &calib, &["--target", "x86-vnni"]);
     check_qdq(&model, &full, &data, "metrics_only", "Conv,Gemm");
-    let interpreter = std::fs::canonicalize(python()).expect("python path");
-    let site = py_output(
-        "import numpy, os; print(os.path.dirname(os.path.dirname(numpy.__file__)))",
-        &[],
-    );
-    let o = Command::new(qemu)
-        .args(["-cpu", "Haswell"])
-        .arg(interpreter)
-        .arg("-c")
-        .arg(FUSED_METRICS)
-        .args([&data, &model, &full, &dir.path().join("fused.npy")])
-        .env("PYTHONPATH", site.trim())
-        .output()
-        .expect("qemu runs");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let stdout = String::from_utf8_lossy(&o.stdout);
+    let fused = dir.path().join("fused.npy");
+    let Some(stdout) = on_haswell(FUSED_METRICS, &[&data, &model, &full, &fused]) else {
+        return;
+    };
     let ort: Vec<f64> = stdout
         .split_whitespace()
         .map(|v| v.parse().expect("a number"))
@@ -292,13 +284,10 @@ fn avx2_arithmetic_eval_matches_onnx_runtime_fused_on_x86_without_vnni() {
         "x86-avx2",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let gap: f64 = py_output(
-        EMULATED_VS_FUSED,
-        &[&data, &emulated, &dir.path().join("fused.npy")],
-    )
-    .trim()
-    .parse()
-    .expect("a number");
+    let gap: f64 = py_output(EMULATED_VS_FUSED, &[&data, &emulated, &fused])
+        .trim()
+        .parse()
+        .expect("a number");
     eprintln!("lapq emulate vs ONNX Runtime fused without VNNI: {gap} of the largest output");
     assert!(gap < 1e-5, "emulated vs fused without VNNI: {gap}");
     // The portable export has nothing to saturate: its x86-avx2 arithmetic is its Q/DQ semantics.
