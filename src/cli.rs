@@ -123,8 +123,10 @@ pub struct QuantizeArgs {
     /// (single-input models), or a folder of ONNX test_data_set_* folders.
     #[arg(long)]
     pub calib: PathBuf,
-    /// Calibration method. Weights follow it for minmax and mse; with the histogram methods
-    /// (percentile, entropy) weights keep their exact range, as in ONNX Runtime.
+    /// Calibration method. best: activations by whichever of minmax, percentile, entropy and mse
+    /// gives a network loss clearly below mse's, weights by mse. Weights follow the method for
+    /// minmax and mse; with the histogram methods (percentile, entropy) weights keep their exact
+    /// range, as in ONNX Runtime.
     #[arg(long, value_enum, default_value_t = MethodArg::Mse)]
     pub method: MethodArg,
     /// Calibration method for weights (minmax, percentile or mse) [default: see --method].
@@ -313,6 +315,7 @@ pub enum MethodArg {
     Mse,
     Lapq,
     Auto,
+    Best,
 }
 
 impl From<MethodArg> for Method {
@@ -324,6 +327,7 @@ impl From<MethodArg> for Method {
             MethodArg::Mse => Method::Mse,
             MethodArg::Lapq => Method::Lapq,
             MethodArg::Auto => Method::Auto,
+            MethodArg::Best => Method::Best,
         }
     }
 }
@@ -397,6 +401,7 @@ impl QuantizeArgs {
         );
         let weight_method = self.weight_method.unwrap_or(match self.method {
             MethodArg::Percentile | MethodArg::Entropy => MethodArg::Minmax,
+            MethodArg::Best => MethodArg::Mse,
             m => m,
         });
         // lapq and auto set weights and activations together: neither mixes with a per-role method.
@@ -409,6 +414,11 @@ impl QuantizeArgs {
                  --weight-method/--act-method"
             );
         }
+        ensure!(
+            !matches!(weight_method, MethodArg::Best),
+            "--weight-method best: best chooses activation ranges by the network's loss; weights use \
+             minmax, percentile or mse"
+        );
         ensure!(
             !matches!(weight_method, MethodArg::Entropy),
             "--weight-method entropy: entropy is an activation method (it needs a histogram of many \

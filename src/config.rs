@@ -22,6 +22,14 @@ pub enum Method {
     /// models measured, and ahead of MinMax where 7-bit weights need their range chosen well.
     #[default]
     Mse,
+    /// For activations: the one of MinMax, percentile, entropy and MSE (every site alike) whose
+    /// whole configuration gives a network loss on the loss samples clearly below MSE's, scored with
+    /// the weights as they are exported; weights by MSE. Not the default: it wins where the loss
+    /// follows the task metric (PP-OCRv4 detector: entropy, mask IoU 0.895 -> 0.922; recognizer:
+    /// percentile, 0.921 -> 0.936) and loses where the metric lives in rare extremes the mean loss
+    /// barely sees (YOLOv8n: percentile 21 % below MSE's loss, class agreement on confident
+    /// anchors 1.000 -> 0.944).
+    Best,
     /// LAPQ: Lp initialisation at the p the loss prefers, then Powell's joint search of the clipping
     /// values of every site below 8 bits against the network's loss (weights and activations).
     Lapq,

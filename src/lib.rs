@@ -50,6 +50,7 @@ pub fn quantize(job: &Job) -> Result<Report> {
     );
     report.lapq = c.lapq;
     report.auto = c.auto;
+    report.best = c.best;
     report.sensitivity = sensitivity;
     report.fallback = fallback;
     report.warnings = qdq.warnings;
@@ -85,6 +86,8 @@ pub struct Calibrated {
     pub lapq: Option<joint::LapqReport>,
     /// What the auto method chose, when it ran.
     pub auto: Option<quantize::auto::AutoReport>,
+    /// What `Method::Best`'s activation choice scored.
+    pub best: Option<quantize::auto::BestReport>,
     /// What rounding with error feedback did, when it ran.
     pub rounding: Option<quantize::rounding::RoundingReport>,
     /// Normalisation outputs whose outlier channels moved into the MatMuls that read them.
@@ -135,6 +138,7 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         timings,
         lapq: None,
         auto: None,
+        best: None,
         rounding: None,
         smoothed,
     };
@@ -154,6 +158,9 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         _ => {}
     }
     quantize::rounding::round(&mut c, &job.quant)?;
+    if job.quant.act_method == config::Method::Best {
+        quantize::auto::best(&mut c, &job.quant)?;
+    }
     Ok(c)
 }
 
@@ -495,8 +502,10 @@ fn clipping(method: config::Method, config: &QuantConfig) -> calib::Clipping {
         config::Method::Percentile => calib::Clipping::Percentile(config.percentile),
         config::Method::Entropy => calib::Clipping::Entropy,
         config::Method::Mse => calib::Clipping::Lp(config.lp),
-        // LAPQ and auto start from MinMax parameters (the oracle's reference) and replace them.
+        // LAPQ and auto start from MinMax parameters (the oracle's reference) and replace them; best
+        // starts from MSE, one of its candidates.
         config::Method::Lapq | config::Method::Auto => calib::Clipping::MinMax,
+        config::Method::Best => calib::Clipping::Lp(config.lp),
     }
 }
 

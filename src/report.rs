@@ -101,6 +101,8 @@ pub struct Report {
     pub lapq: Option<crate::joint::LapqReport>,
     /// What the auto method chose, when it ran.
     pub auto: Option<crate::quantize::auto::AutoReport>,
+    /// Which activation clipping `--method best` chose, and each candidate's loss.
+    pub best: Option<crate::quantize::auto::BestReport>,
     /// What rounding with error feedback did, when it ran.
     pub rounding: Option<crate::quantize::rounding::RoundingReport>,
     /// Normalisation outputs whose outlier channels moved into the MatMuls reading them (SmoothQuant).
@@ -185,6 +187,7 @@ impl Report {
             warnings: vec![],
             lapq: None,
             auto: None,
+            best: None,
             rounding: None,
             smoothed: vec![],
             sensitivity: None,
@@ -236,6 +239,18 @@ impl Report {
                 } else {
                     "nearest kept (error feedback raised the loss)"
                 }
+            ));
+        }
+        if let Some(b) = &self.best {
+            s.push_str(&format!(
+                "\n  activation ranges: {} (network loss on {} samples: {})",
+                b.chosen,
+                b.samples,
+                b.methods
+                    .iter()
+                    .map(|(m, l)| format!("{m} {l:.3e}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         if let Some(a) = &self.auto {

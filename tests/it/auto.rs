@@ -46,3 +46,51 @@ fn auto_ends_below_the_best_single_method_and_reports_each_choice() {
         }
     }
 }
+
+/// `--method best` scores MinMax, percentile, entropy and MSE activation ranges with
+/// the exported weights and keeps the lowest loss when it is 5 % below MSE's, else MSE; when it
+/// keeps MSE its export is `--method mse`'s, byte for byte. ONNX Runtime runs every export within
+/// the w8a8 tier.
+#[test]
+fn best_keeps_the_activation_ranges_with_the_clearly_lowest_loss() {
+    let dir = tempdir();
+    let mut chosen_names = vec![];
+    for name in [
+        "classifier",
+        "conv_relu",
+        "residual_add",
+        "depthwise_conv",
+        "concat",
+    ] {
+        let (model, calib) = (
+            fixture(name).join("model.onnx"),
+            fixture(name).join("calib.npz"),
+        );
+        let out = dir.path().join(format!("{name}.onnx"));
+        let r = quantize_reporting(&model, &out, &calib, &["--method", "best"]);
+        let best = &r["best"];
+        let methods = best["methods"].as_array().expect("candidates scored");
+        let names: Vec<&str> = methods.iter().map(|m| m[0].as_str().unwrap()).collect();
+        assert_eq!(names, ["minmax", "percentile", "entropy", "mse"], "{best}");
+        let losses: Vec<f64> = methods.iter().map(|m| f(&m[1])).collect();
+        let (lowest, low) = losses
+            .iter()
+            .copied()
+            .enumerate()
+            .fold((3, losses[3]), |b, (k, l)| if l < b.1 { (k, l) } else { b });
+        let expected = if low < 0.95 * losses[3] { lowest } else { 3 };
+        let chosen = best["chosen"].as_str().expect("a choice");
+        assert_eq!(chosen, names[expected], "{name}: {best}");
+        chosen_names.push(chosen.to_string());
+        check_qdq(&model, &out, &calib, "w8a8", "");
+        if chosen == "mse" {
+            let mse = dir.path().join(format!("{name}_mse.onnx"));
+            quantize_reporting(&model, &mse, &calib, &["--method", "mse"]);
+            assert!(
+                std::fs::read(&out).unwrap() == std::fs::read(&mse).unwrap(),
+                "{name}: best kept MSE ranges but its export differs from --method mse's"
+            );
+        }
+    }
+    eprintln!("chosen: {chosen_names:?}");
+}

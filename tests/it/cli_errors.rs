@@ -429,3 +429,20 @@ fn joint_methods_for_one_role_are_refused() {
         );
     }
 }
+
+/// best chooses activation ranges: asked for weights, it is refused in one line.
+#[test]
+fn best_for_weights_is_refused() {
+    let dir = tempdir();
+    let (model, calib) = (
+        fixture("classifier").join("model.onnx"),
+        fixture("classifier").join("calib.npz"),
+    );
+    let err = fails_with(
+        &model,
+        &dir.path().join("q.onnx"),
+        &calib,
+        &["--weight-method", "best"],
+    );
+    assert!(err.contains("--weight-method best"), "{err}");
+}
