@@ -157,9 +157,10 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         }
         _ => {}
     }
-    quantize::rounding::round(&mut c, &job.quant)?;
+    let mut loss = None;
+    quantize::rounding::round(&mut c, &job.quant, &mut loss)?;
     if job.quant.act_method == config::Method::Best {
-        quantize::auto::best(&mut c, &job.quant)?;
+        quantize::auto::best(&mut c, &job.quant, &mut loss)?;
     }
     Ok(c)
 }
@@ -204,7 +205,7 @@ fn calibrate_protected(
         c.params = chosen
             .params
             .context("internal: the fallback kept no parameters")?;
-        quantize::rounding::round(&mut c, q)?;
+        quantize::rounding::round(&mut c, q, &mut None)?;
     }
     report.exported = Some(oracle(&c, n, 1)?.score(&c.params)?);
     c.timings
@@ -223,6 +224,23 @@ pub fn oracle(c: &Calibrated, n: usize, batch: usize) -> Result<oracle::Oracle> 
         c.labels.as_ref().map(|l| l[..n].to_vec()),
         batch,
     )
+}
+
+/// The oracle over a run's first `config.lapq_samples` samples that the stages after calibration
+/// share (rounding's guard, `Method::Best`'s choice), built in `slot` on first use so that its float
+/// reference pass runs once.
+pub(crate) fn loss_oracle<'a>(
+    c: &Calibrated,
+    config: &QuantConfig,
+    slot: &'a mut Option<oracle::Oracle>,
+) -> Result<&'a oracle::Oracle> {
+    Ok(match slot {
+        Some(o) => o,
+        None => {
+            let n = config.lapq_samples.clamp(1, c.samples.len().max(1));
+            slot.insert(oracle(c, n, 1)?)
+        }
+    })
 }
 
 /// The name tract gives an ONNX node: its own, or else its first output's.

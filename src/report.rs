@@ -246,11 +246,7 @@ impl Report {
                 "\n  activation ranges: {} (network loss on {} samples: {})",
                 b.chosen,
                 b.samples,
-                b.methods
-                    .iter()
-                    .map(|(m, l)| format!("{m} {l:.3e}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                losses_text(&b.methods)
             ));
         }
         if let Some(a) = &self.auto {
@@ -258,11 +254,7 @@ impl Report {
                 "\n  auto: started from {} (loss {:.3e}; {}), changed {} of {} sites: loss {:.3e} on {} samples",
                 a.start,
                 a.start_loss,
-                a.methods
-                    .iter()
-                    .map(|(m, l)| format!("{m} {l:.3e}"))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                losses_text(&a.methods),
                 a.changed.len(),
                 a.sites,
                 a.final_loss,
@@ -444,4 +436,13 @@ pub fn fusion_text(verdicts: &[crate::fusion::Verdict]) -> String {
         verdicts.len()
     );
     s
+}
+
+/// Methods and their losses as `name 1.234e-2, ...`.
+fn losses_text(methods: &[(String, f64)]) -> String {
+    methods
+        .iter()
+        .map(|(m, l)| format!("{m} {l:.3e}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }

@@ -200,12 +200,17 @@ const BEST_MARGIN: f64 = 0.05;
 /// `Method::Best`: every activation site's clipping by one of MinMax, percentile, entropy and MSE,
 /// scored as a whole by the network's loss on the first `config.lapq_samples` calibration samples,
 /// with the run's weights (their codes as rounding chose them) and biases corrected for each
-/// candidate's scales. The lowest loss wins if it is `BEST_MARGIN` below MSE's; else MSE.
-pub(crate) fn best(c: &mut Calibrated, config: &QuantConfig) -> Result<()> {
+/// candidate's scales. The lowest loss wins if it is `BEST_MARGIN` below MSE's; else MSE. The
+/// oracle comes from `loss` (built there if absent: `crate::loss_oracle`).
+pub(crate) fn best(
+    c: &mut Calibrated,
+    config: &QuantConfig,
+    loss: &mut Option<crate::oracle::Oracle>,
+) -> Result<()> {
     let started = Instant::now();
     let candidates = best_candidates(config);
-    let n = config.lapq_samples.clamp(1, c.samples.len().max(1));
-    let oracle = crate::oracle(c, n, 1)?;
+    let oracle = crate::loss_oracle(c, config, loss)?;
+    let n = oracle.active_samples().len();
     let index = GraphIndex::new(&c.model)?;
     let mut scored = vec![];
     for (_, clip) in &candidates {

@@ -70,8 +70,12 @@ pub fn eligible(
 /// Chooses the codes of the weights that round with error feedback, for the run's final scales, and
 /// keeps them where the network's loss on the loss samples (the first `lapq_samples`) is not above
 /// the loss with nearest rounding: error feedback lowers each layer's own error, not always the
-/// network's.
-pub(crate) fn round(c: &mut Calibrated, config: &QuantConfig) -> Result<()> {
+/// network's. The oracle comes from `loss` (built there if absent: `crate::loss_oracle`).
+pub(crate) fn round(
+    c: &mut Calibrated,
+    config: &QuantConfig,
+    loss: &mut Option<crate::oracle::Oracle>,
+) -> Result<()> {
     if c.grams.iter().all(Option::is_none) {
         return Ok(());
     }
@@ -82,8 +86,8 @@ pub(crate) fn round(c: &mut Calibrated, config: &QuantConfig) -> Result<()> {
     if weights == 0 {
         return Ok(());
     }
-    let n = config.lapq_samples.clamp(1, c.samples.len().max(1));
-    let oracle = crate::oracle(c, n, 1)?;
+    let oracle = crate::loss_oracle(c, config, loss)?;
+    let n = oracle.active_samples().len();
     let nearest_loss = oracle.score(&c.params)?.loss;
     let gptq_loss = oracle.score(&rounded)?.loss;
     let kept = gptq_loss <= nearest_loss;

@@ -95,6 +95,15 @@ np.savez(os.path.join(d, "calib.npz"), x=rng.uniform(0.0, 1.0, (16, 32, 8, 8)).a
 /// Runs each model with Q/DQ as written (ORT_DISABLE_ALL) and fused (ORT_ENABLE_ALL) on the
 /// calibration inputs; prints `name relative-max-difference` per model.
 const FUSED_VS_UNFUSED: &str = r#"
+for p in sys.argv[2:]:
+    a = run(p, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    b = run(p, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    print(p.rsplit("/", 1)[-1], float(np.abs(a - b).max() / np.abs(a).max()))
+"#;
+
+/// What every script `on_haswell` runs starts with: ONNX Runtime quiet, the inputs `x` of the .npz in
+/// argv 1, and `run(path, level)`, a model's first output over them, one sample at a time.
+const HASWELL_PRELUDE: &str = r#"
 import sys, numpy as np, onnxruntime as ort
 ort.set_default_logger_severity(3)
 x = np.load(sys.argv[1])["x"]
@@ -102,15 +111,11 @@ def run(p, level):
     o = ort.SessionOptions(); o.graph_optimization_level = level
     s = ort.InferenceSession(p, o, providers=["CPUExecutionProvider"])
     return np.concatenate([s.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))])
-for p in sys.argv[2:]:
-    a = run(p, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    b = run(p, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    print(p.rsplit("/", 1)[-1], float(np.abs(a - b).max() / np.abs(a).max()))
 "#;
 
-/// Runs the Python `script` with `args` in the test environment's interpreter on qemu's emulated
-/// Haswell (AVX2 without VNNI), where ONNX Runtime picks the kernels such CPUs run, and returns its
-/// standard output; `None` without `qemu-x86_64` (Debian's qemu-user, which `.ci/run` installs).
+/// Runs the Python `script` after `HASWELL_PRELUDE`, with `args`, in the test environment's
+/// interpreter on qemu's emulated Haswell (AVX2 without VNNI), where ONNX Runtime picks the kernels
+/// such CPUs run, and returns its standard output; `None` without `qemu-x86_64` (Debian's qemu-user, which `.ci/run` installs).
 fn on_haswell(script: &str, args: &[&Path]) -> Option<String> {
     let qemu = "qemu-x86_64";
     if Command::new(qemu).arg("--version").output().is_err() {
@@ -127,7 +132,7 @@ fn on_haswell(script: &str, args: &[&Path]) -> Option<String> {
         .args(["-cpu", "Haswell"])
         .arg(interpreter)
         .arg("-c")
-        .arg(script)
+        .arg(format!("{HASWELL_PRELUDE}{script}"))
         .args(args)
         .env("PYTHONPATH", site.trim())
         .output()
@@ -203,15 +208,8 @@ np.savez(os.path.join(d, "eval.npz"), x=rng.uniform(-0.25, 1.0, (24, 3, 12, 12))
 /// time, prints lapq eval's metrics of the latter against the former: mean cosine, SQNR in dB, and
 /// saves the fused outputs (argv 4, .npy).
 const FUSED_METRICS: &str = r#"
-import sys, numpy as np, onnxruntime as ort
-ort.set_default_logger_severity(3)
-x = np.load(sys.argv[1])["x"]
-def run(p, level):
-    o = ort.SessionOptions(); o.graph_optimization_level = level
-    s = ort.InferenceSession(p, o, providers=["CPUExecutionProvider"])
-    return np.concatenate([s.run(None, {"x": x[i:i + 1]})[0] for i in range(len(x))]).astype(np.float64)
-f = run(sys.argv[2], ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-q = run(sys.argv[3], ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+f = run(sys.argv[2], ort.GraphOptimizationLevel.ORT_DISABLE_ALL).astype(np.float64)
+q = run(sys.argv[3], ort.GraphOptimizationLevel.ORT_ENABLE_ALL).astype(np.float64)
 cos = np.mean([(a @ b) / (np.linalg.norm(a) * np.linalg.norm(b)) for a, b in zip(f, q)])
 print(cos, 10 * np.log10((f ** 2).sum() / ((f - q) ** 2).sum()))
 np.save(sys.argv[4], q)
