@@ -25,8 +25,7 @@ data; each metric's primary score (higher is better, in [0, 1]) comes first:
                       at its own length; metric: mean cosine similarity of sentence_embedding, and the
                       smallest
 
-Rows per model: lapq with no options, lapq's previous default (--rounding nearest --no-smoothing),
---method best and the
+Rows per model: lapq with no options, lapq's previous default (--method mse) and the
 model's extra lapq configurations, then ONNX Runtime's
 quantize_static (QDQ, QUInt8 activations, QInt8 weights) at its best of MinMax/Entropy/Percentile x
 per-tensor/per-channel x reduce_range off/on, chosen separately for each score column
@@ -475,10 +474,9 @@ def best(results, column):
     return max(scored, key=lambda r: r[column]) if scored else None
 
 
-# lapq's default before rounding with error feedback (a7fe104) and smoothing became the default: our own
-# previous method, an anchor in the same run; and the loss-chosen activation ranges, not yet the default
-PREVIOUS_DEFAULT = ["--rounding", "nearest", "--no-smoothing"]
-BEST = ["--method", "best"]
+# lapq's default before the loss-chosen activation ranges (--method best) became the default: our own
+# previous method, an anchor in the same run
+PREVIOUS_DEFAULT = ["--method", "mse"]
 
 
 def compare(name, lapq, out_dir, rng, ort_configs, scale, latency_runs):
@@ -488,7 +486,7 @@ def compare(name, lapq, out_dir, rng, ort_configs, scale, latency_runs):
     latency = Latency(path, evaluation, output, latency_runs)
     results = []
     data = write_test_data_sets(calib, os.path.join(out_dir, f"{name}_calib"))
-    for i, flags in enumerate([[], PREVIOUS_DEFAULT, BEST] + extra):
+    for i, flags in enumerate([[], PREVIOUS_DEFAULT] + extra):
         out = os.path.join(out_dir, f"{name}.lapq{i}.onnx")
         start = time.time()
         cmd = [lapq, "quantize", path, "-o", out, "--calib", data, "-q"] + flags

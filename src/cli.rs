@@ -123,11 +123,11 @@ pub struct QuantizeArgs {
     /// (single-input models), or a folder of ONNX test_data_set_* folders.
     #[arg(long)]
     pub calib: PathBuf,
-    /// Calibration method. best: activations by whichever of minmax, percentile, entropy and mse
-    /// gives a network loss clearly below mse's, weights by mse. Weights follow the method for
+    /// Calibration method. best (the default): activations by whichever of minmax, percentile,
+    /// entropy and mse gives a network loss clearly below mse's, weights by mse. Weights follow the method for
     /// minmax and mse; with the histogram methods (percentile, entropy) weights keep their exact
     /// range, as in ONNX Runtime.
-    #[arg(long, value_enum, default_value_t = MethodArg::Mse)]
+    #[arg(long, value_enum, default_value_t = MethodArg::Best)]
     pub method: MethodArg,
     /// Calibration method for weights (minmax, percentile or mse) [default: see --method].
     #[arg(long, value_enum)]

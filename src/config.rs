@@ -18,18 +18,16 @@ pub enum Method {
     /// Minimal KL divergence between a histogram and its quantized form (TensorRT, ONNX Runtime).
     Entropy,
     /// Minimal mean `|Q(x) - x|^p` (`QuantConfig::lp`; p = 2 is MMSE): histograms for activations, the
-    /// exact values for weights. The default: never far behind the best single method on the real
-    /// models measured, and ahead of MinMax where 7-bit weights need their range chosen well.
-    #[default]
+    /// exact values for weights. The default for weights: ahead of MinMax where 7-bit weights need
+    /// their range chosen well.
     Mse,
     /// For activations: the one of MinMax, percentile, entropy and MSE (every site alike) whose
     /// whole configuration gives a network loss on the loss samples clearly below MSE's, scored with
-    /// the weights as they are exported; weights by MSE. Not the default: it wins where the loss
-    /// follows the task metric (PP-OCRv4 detector: entropy, mask IoU 0.895 -> 0.922; recognizer:
-    /// percentile, 0.921 -> 0.936) and loses where the metric lives in rare extremes the mean loss
-    /// barely sees (YOLOv8n: percentile 21 % below MSE's loss, class agreement on confident
-    /// anchors 1.000 -> 0.944). Unfused figures from scripts/real-models; fused on a VNNI CPU in
-    /// the same run they agree within 0.002 but YOLOv8n's 0.926 (README).
+    /// the weights as they are exported; weights by MSE. The default for activations. It needs a
+    /// loss that follows the task metric, as `LossKind::Dense` does for maps and detectors (its
+    /// salient term sees the confident anchors a plain mean misses): PP-OCRv4 detector entropy,
+    /// mask IoU 0.895 -> 0.922; YOLOv8n stays on MSE, class agreement 1.000 (scripts/real-models).
+    #[default]
     Best,
     /// LAPQ: Lp initialisation at the p the loss prefers, then Powell's joint search of the clipping
     /// values of every site below 8 bits against the network's loss (weights and activations).
@@ -229,7 +227,7 @@ impl Default for QuantConfig {
     fn default() -> Self {
         QuantConfig {
             weight_method: Method::Mse,
-            act_method: Method::Mse,
+            act_method: Method::Best,
             percentile: 99.99,
             lp: 2.0,
             container: Container::Int8,

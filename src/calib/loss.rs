@@ -7,8 +7,10 @@ use serde::Serialize;
 pub enum LossKind {
     /// KL divergence of the quantized softmax from the float softmax (classifiers, no labels).
     KlSoftmax,
-    /// Mean squared error of all outputs (embeddings, detection maps).
-    Mse,
+    /// Squared error per output channel, over all elements plus over the channel's salient elements
+    /// (weighted by the float value's magnitude), in units of the channel's float variance
+    /// (embeddings, detection maps, anything not one `[N, classes]` output): see `DenseReference`.
+    Dense,
     /// Cross-entropy of the quantized softmax against integer labels.
     CrossEntropy,
 }
@@ -34,20 +36,168 @@ pub fn cross_entropy(logits: &[f32], label: usize) -> f64 {
         .unwrap_or(f64::NEG_INFINITY)
 }
 
-/// Mean squared difference.
-pub fn mse(reference: &[f32], quantized: &[f32]) -> f64 {
-    let n = reference.len().max(1) as f64;
-    reference
-        .iter()
-        .zip(quantized)
-        .map(|(&a, &b)| ((a - b) as f64).powi(2))
-        .sum::<f64>()
-        / n
+/// The float network's dense outputs summarised per channel (axis 1 of each output; the whole
+/// output where its rank is below 2), for `LossKind::Dense`.
+///
+/// A channel's loss is `(mean e^2 + sum w e^2 / sum w) / var`, with `e` the quantized minus the
+/// float value, `w = |float| / max |float|` over the channel and `var` the channel's float variance.
+/// The first term sees every element; the second the elements a thresholded or argmax'd output
+/// turns on (text pixels of a probability map, a detector's confident class scores), which a plain
+/// mean lets the background outvote. The variance makes channels of different units (box pixels
+/// beside class probabilities) count alike. The loss is the mean over the channels of all outputs.
+pub struct DenseReference {
+    outputs: Vec<ChannelStats>,
+}
+
+struct ChannelStats {
+    /// Elements per channel and sample row (the product of the axes after 1).
+    inner: usize,
+    var: Vec<f64>,
+    peak: Vec<f64>,
+}
+
+/// (channels, elements per channel and row) of an output of shape `dims`.
+fn channel_layout(dims: &[usize], len: usize) -> (usize, usize) {
+    match dims {
+        [_, c, rest @ ..] if *c > 0 => (*c, rest.iter().product::<usize>().max(1)),
+        _ => (1, len.max(1)),
+    }
+}
+
+impl DenseReference {
+    /// Summarises `reference`: per sample, each output's shape and values.
+    pub fn new(reference: &[Vec<(Vec<usize>, Vec<f32>)>]) -> DenseReference {
+        let count = reference.first().map_or(0, |s| s.len());
+        let outputs = (0..count)
+            .map(|o| {
+                let mut layout = None;
+                let (mut sum, mut sq, mut n, mut peak): (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) =
+                    (vec![], vec![], vec![], vec![]);
+                for sample in reference {
+                    let Some((dims, values)) = sample.get(o) else {
+                        continue;
+                    };
+                    let (channels, inner) =
+                        *layout.get_or_insert(channel_layout(dims, values.len()));
+                    sum.resize(channels, 0.0);
+                    sq.resize(channels, 0.0);
+                    n.resize(channels, 0.0);
+                    peak.resize(channels, 0.0);
+                    for (j, &v) in values.iter().enumerate() {
+                        let c = (j / inner) % channels;
+                        let v = v as f64;
+                        sum[c] += v;
+                        sq[c] += v * v;
+                        n[c] += 1.0;
+                        peak[c] = peak[c].max(v.abs());
+                    }
+                }
+                let var: Vec<f64> = (0..sum.len())
+                    .map(|c| {
+                        let m = sum[c] / n[c].max(1.0);
+                        (sq[c] / n[c].max(1.0) - m * m).max(0.0)
+                    })
+                    .collect();
+                // Invariant: no channel's variance is zero, and a near-constant channel cannot
+                // outweigh the others by more than 1e6.
+                let floor = (var.iter().sum::<f64>() / var.len().max(1) as f64 * 1e-6)
+                    .max(f64::MIN_POSITIVE);
+                ChannelStats {
+                    inner: layout.map_or(1, |l| l.1),
+                    var: var.into_iter().map(|v| v.max(floor)).collect(),
+                    peak,
+                }
+            })
+            .collect();
+        DenseReference { outputs }
+    }
+
+    /// The loss of `quantized` against `reference` (the samples `new` saw, or their first ones).
+    pub fn loss(
+        &self,
+        reference: &[Vec<(Vec<usize>, Vec<f32>)>],
+        quantized: &[Vec<(Vec<usize>, Vec<f32>)>],
+    ) -> f64 {
+        let (mut total, mut channels) = (0.0, 0usize);
+        for (o, stats) in self.outputs.iter().enumerate() {
+            let k = stats.var.len();
+            let (mut se, mut n, mut wse, mut w) =
+                (vec![0.0; k], vec![0.0; k], vec![0.0; k], vec![0.0; k]);
+            for (f, q) in reference.iter().zip(quantized) {
+                let (Some((_, fv)), Some((_, qv))) = (f.get(o), q.get(o)) else {
+                    continue;
+                };
+                for (j, (&a, &b)) in fv.iter().zip(qv).enumerate() {
+                    let c = (j / stats.inner) % k;
+                    let e2 = ((b - a) as f64).powi(2);
+                    let weight = if stats.peak[c] > 0.0 {
+                        (a as f64).abs() / stats.peak[c]
+                    } else {
+                        0.0
+                    };
+                    se[c] += e2;
+                    n[c] += 1.0;
+                    wse[c] += weight * e2;
+                    w[c] += weight;
+                }
+            }
+            for c in 0..k {
+                if n[c] == 0.0 {
+                    continue;
+                }
+                let mean = se[c] / n[c];
+                let salient = if w[c] > 0.0 { wse[c] / w[c] } else { mean };
+                total += (mean + salient) / stats.var[c];
+                channels += 1;
+            }
+        }
+        total / channels.max(1) as f64
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn output(dims: &[usize], values: &[f32]) -> Vec<(Vec<usize>, Vec<f32>)> {
+        vec![(dims.to_vec(), values.to_vec())]
+    }
+
+    #[test]
+    fn dense_loss_is_zero_when_equal_and_weighs_salient_elements_more() {
+        // One [1, 1, 4] probability map: one "text" pixel among background.
+        let f = vec![output(&[1, 1, 4], &[0.9, 0.0, 0.0, 0.0])];
+        let d = DenseReference::new(&f);
+        assert_eq!(d.loss(&f, &f), 0.0);
+        let on_text = d.loss(&f, &[output(&[1, 1, 4], &[0.8, 0.0, 0.0, 0.0])]);
+        let on_background = d.loss(&f, &[output(&[1, 1, 4], &[0.9, 0.1, 0.0, 0.0])]);
+        assert!(
+            on_text > 2.0 * on_background,
+            "{on_text} vs {on_background}"
+        );
+    }
+
+    #[test]
+    fn dense_loss_counts_channels_alike_whatever_their_units() {
+        // Channel 0 in pixels, channel 1 in probabilities: the same relative error costs the same.
+        let f = vec![
+            output(&[1, 2, 2], &[100.0, 300.0, 0.1, 0.3]),
+            output(&[1, 2, 2], &[200.0, 400.0, 0.2, 0.4]),
+        ];
+        let d = DenseReference::new(&f);
+        let pixels = d.loss(
+            &f,
+            &[output(&[1, 2, 2], &[110.0, 300.0, 0.1, 0.3]), f[1].clone()],
+        );
+        let probabilities = d.loss(
+            &f,
+            &[output(&[1, 2, 2], &[100.0, 300.0, 0.11, 0.3]), f[1].clone()],
+        );
+        assert!(
+            (pixels / probabilities - 1.0).abs() < 1e-6,
+            "{pixels} vs {probabilities}"
+        );
+    }
 
     #[test]
     fn kl_is_zero_for_equal_logits_and_positive_otherwise() {
@@ -61,10 +211,5 @@ mod tests {
     #[test]
     fn cross_entropy_of_uniform_logits_is_log_k() {
         assert!((cross_entropy(&[0.0; 4], 2) - 4f64.ln()).abs() < 1e-12);
-    }
-
-    #[test]
-    fn mse_of_known_vectors() {
-        assert_eq!(mse(&[0.0, 2.0], &[1.0, 0.0]), 2.5);
     }
 }

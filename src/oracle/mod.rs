@@ -308,6 +308,8 @@ pub struct Oracle {
     reference: Vec<SampleOutputs>,
     labels: Option<Vec<usize>>,
     kind: crate::calib::LossKind,
+    /// The reference summarised per channel (`LossKind::Dense` only).
+    dense: Option<crate::calib::DenseReference>,
     batch: usize,
     /// Evaluations use the first `active` samples.
     active: std::sync::atomic::AtomicUsize,
@@ -317,7 +319,7 @@ impl Oracle {
     /// Builds the quantized network once and computes the float reference outputs of `samples`.
     ///
     /// The loss is cross-entropy when `labels` are given (one per sample), KL divergence of the softmax
-    /// for a single `[N, K]` output, and MSE of all outputs otherwise.
+    /// for a single `[N, K]` output, and `LossKind::Dense` over all outputs otherwise.
     pub fn new(
         path: &std::path::Path,
         sites: &Sites,
@@ -356,14 +358,17 @@ impl Oracle {
             (false, Some(_)) => anyhow::bail!(
                 "labels were given, but the model's output is not one [N, classes] tensor"
             ),
-            (false, None) => crate::calib::LossKind::Mse,
+            (false, None) => crate::calib::LossKind::Dense,
         };
+        let dense = (kind == crate::calib::LossKind::Dense)
+            .then(|| crate::calib::DenseReference::new(&reference));
         Ok(Oracle {
             model,
             samples,
             reference,
             labels,
             kind,
+            dense,
             batch,
             active: std::sync::atomic::AtomicUsize::new(usize::MAX),
         })
@@ -454,22 +459,18 @@ impl Oracle {
     }
 
     fn loss_of(&self, outputs: &[SampleOutputs]) -> f64 {
-        use crate::calib::{LossKind, cross_entropy, kl_softmax, mse};
+        use crate::calib::{cross_entropy, kl_softmax};
+        if let Some(dense) = &self.dense {
+            return dense.loss(&self.reference, outputs);
+        }
         let mut total = 0.0;
         let mut rows = 0usize;
         for (s, (q, f)) in outputs.iter().zip(&self.reference).enumerate() {
             for ((qd, qv), (_, fv)) in q.iter().zip(f) {
-                let k = if self.kind == LossKind::Mse {
-                    qv.len().max(1)
-                } else {
-                    qd[1]
-                };
-                for (r, (qrow, frow)) in qv.chunks(k).zip(fv.chunks(k)).enumerate() {
-                    total += match self.kind {
-                        LossKind::KlSoftmax => kl_softmax(frow, qrow),
-                        LossKind::Mse => mse(frow, qrow),
-                        LossKind::CrossEntropy => {
-                            let labels = self.labels.as_deref().unwrap_or(&[]);
+                for (r, (qrow, frow)) in qv.chunks(qd[1]).zip(fv.chunks(qd[1])).enumerate() {
+                    total += match &self.labels {
+                        None => kl_softmax(frow, qrow),
+                        Some(labels) => {
                             cross_entropy(qrow, labels.get(s + r).copied().unwrap_or(0))
                         }
                     };

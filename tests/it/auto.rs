@@ -47,7 +47,7 @@ fn auto_ends_below_the_best_single_method_and_reports_each_choice() {
     }
 }
 
-/// `--method best` scores MinMax, percentile, entropy and MSE activation ranges with
+/// The default (`--method best`) scores MinMax, percentile, entropy and MSE activation ranges with
 /// the exported weights and keeps the lowest loss when it is 5 % below MSE's, else MSE; when it
 /// keeps MSE its export is `--method mse`'s, byte for byte. ONNX Runtime runs every export within
 /// the w8a8 tier.
@@ -67,7 +67,7 @@ fn best_keeps_the_activation_ranges_with_the_clearly_lowest_loss() {
             fixture(name).join("calib.npz"),
         );
         let out = dir.path().join(format!("{name}.onnx"));
-        let r = quantize_reporting(&model, &out, &calib, &["--method", "best"]);
+        let r = quantize_reporting(&model, &out, &calib, &[]);
         let best = &r["best"];
         let methods = best["methods"].as_array().expect("candidates scored");
         let names: Vec<&str> = methods.iter().map(|m| m[0].as_str().unwrap()).collect();
