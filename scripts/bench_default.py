@@ -4,7 +4,9 @@
 Both quantize from the same calibration npz; the table gives each one's wall time and its ratio to
 ONNX Runtime's Entropy per-tensor time measured in the same run (this machine is shared: quote ratios),
 and top-1 agreement with the float model on the evaluation npz, with the Q/DQ nodes as written
-(ORT_DISABLE_ALL) and fused on this CPU (ORT_ENABLE_ALL, CPU flags printed above the table).
+(ORT_DISABLE_ALL), fused on this CPU (ORT_ENABLE_ALL, CPU flags printed above the table) and fused on
+x86 without VNNI (the `lapq emulate --arithmetic x86-avx2` model). lapq's previous default
+(--method mse) is a row of the same run.
 
 usage: bench_default.py --lapq target/release/lapq --model M.onnx --calib calib.npz --eval eval.npz
                         [--out-dir work/bench-default] [--lapq-flags "--method auto"]
@@ -53,7 +55,8 @@ def main():
         # samples' tensors at once needs more than this machine's 24 GB
         rm.ort_quantize(args.model, out, calib, config, {"CalibMaxIntermediateOutputs": 16})
         results.append((f"ORT {config}", time.time() - start, out))
-    for i, flags in enumerate([""] + args.lapq_flags):
+    # the previous default (before --method best): our own previous method, an anchor in the same run
+    for i, flags in enumerate(["", "--method mse"] + args.lapq_flags):
         out = os.path.join(args.out_dir, f"lapq{i}.onnx")
         cmd = [args.lapq, "quantize", args.model, "-o", out, "--calib", args.calib, "-q"] + shlex.split(flags)
         start = time.time()
@@ -67,10 +70,12 @@ def main():
     print(f"CPU: {model}; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in flags.items())
           + f"; {os.cpu_count()} cores")
     print(f"{os.path.basename(args.model)}: {len(calib)} calibration samples, {len(evaluation)} evaluation samples")
-    print(f"{'quantizer':34} {'seconds':>8} {'/ ORT entropy-pt':>17} {'top-1 unfused':>14} {'top-1 fused':>12}")
+    print(f"{'quantizer':34} {'seconds':>8} {'/ ORT entropy-pt':>17} {'top-1 unfused':>14} {'top-1 fused':>12}"
+          f" {'fused, x86 without VNNI':>24}")
     for label, seconds, out in results:
-        r = rm.evaluate(out, evaluation, float_outs, rm.top1, None)
-        print(f"{label:34} {seconds:8.1f} {seconds / base:16.2f}x {r['unfused']:14.4f} {r['fused']:12.4f}")
+        r = rm.evaluate(out, evaluation, float_outs, rm.top1, None, args.lapq)
+        print(f"{label:34} {seconds:8.1f} {seconds / base:16.2f}x {r['unfused']:14.4f} {r['fused']:12.4f}"
+              f" {r['avx2']:24.4f}")
 
 
 if __name__ == "__main__":
