@@ -46,17 +46,11 @@ pub fn cross_entropy(logits: &[f32], label: usize) -> f64 {
 /// mean lets the background outvote. The variance makes channels of different units (box pixels
 /// beside class probabilities) count alike. The loss is the mean over the channels of all outputs.
 pub struct DenseReference {
-    outputs: Vec<ChannelStats>,
+    /// Per output, per channel: (float variance, largest |float|).
+    outputs: Vec<Vec<(f64, f64)>>,
 }
 
-struct ChannelStats {
-    /// Elements per channel and sample row (the product of the axes after 1).
-    inner: usize,
-    var: Vec<f64>,
-    peak: Vec<f64>,
-}
-
-/// (channels, elements per channel and row) of an output of shape `dims`.
+/// (channels, elements per channel and row) of an output of shape `dims` with `len` values.
 fn channel_layout(dims: &[usize], len: usize) -> (usize, usize) {
     match dims {
         [_, c, rest @ ..] if *c > 0 => (*c, rest.iter().product::<usize>().max(1)),
@@ -64,49 +58,51 @@ fn channel_layout(dims: &[usize], len: usize) -> (usize, usize) {
     }
 }
 
+/// `v[c]`, the vector grown with zeros to hold it.
+fn slot(v: &mut Vec<[f64; 4]>, c: usize) -> &mut [f64; 4] {
+    if v.len() <= c {
+        v.resize(c + 1, [0.0; 4]);
+    }
+    &mut v[c]
+}
+
 impl DenseReference {
-    /// Summarises `reference`: per sample, each output's shape and values.
+    /// Summarises `reference`: per sample, each output's shape and values (each sample's own shape
+    /// gives its channels, so samples may differ in length).
     pub fn new(reference: &[Vec<(Vec<usize>, Vec<f32>)>]) -> DenseReference {
         let count = reference.first().map_or(0, |s| s.len());
         let outputs = (0..count)
             .map(|o| {
-                let mut layout = None;
-                let (mut sum, mut sq, mut n, mut peak): (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) =
-                    (vec![], vec![], vec![], vec![]);
-                for sample in reference {
-                    let Some((dims, values)) = sample.get(o) else {
-                        continue;
-                    };
-                    let (channels, inner) =
-                        *layout.get_or_insert(channel_layout(dims, values.len()));
-                    sum.resize(channels, 0.0);
-                    sq.resize(channels, 0.0);
-                    n.resize(channels, 0.0);
-                    peak.resize(channels, 0.0);
-                    for (j, &v) in values.iter().enumerate() {
-                        let c = (j / inner) % channels;
-                        let v = v as f64;
-                        sum[c] += v;
-                        sq[c] += v * v;
-                        n[c] += 1.0;
-                        peak[c] = peak[c].max(v.abs());
+                // Per channel: sum, sum of squares, count, largest |value|.
+                let mut acc: Vec<[f64; 4]> = vec![];
+                for (dims, values) in reference.iter().filter_map(|s| s.get(o)) {
+                    let (k, inner) = channel_layout(dims, values.len());
+                    for (i, run) in values.chunks(inner).enumerate() {
+                        let a = slot(&mut acc, i % k);
+                        for &v in run {
+                            let v = v as f64;
+                            a[0] += v;
+                            a[1] += v * v;
+                            a[2] += 1.0;
+                            a[3] = a[3].max(v.abs());
+                        }
                     }
                 }
-                let var: Vec<f64> = (0..sum.len())
-                    .map(|c| {
-                        let m = sum[c] / n[c].max(1.0);
-                        (sq[c] / n[c].max(1.0) - m * m).max(0.0)
+                let var: Vec<f64> = acc
+                    .iter()
+                    .map(|a| {
+                        let m = a[0] / a[2].max(1.0);
+                        (a[1] / a[2].max(1.0) - m * m).max(0.0)
                     })
                     .collect();
                 // Invariant: no channel's variance is zero, and a near-constant channel cannot
                 // outweigh the others by more than 1e6.
                 let floor = (var.iter().sum::<f64>() / var.len().max(1) as f64 * 1e-6)
                     .max(f64::MIN_POSITIVE);
-                ChannelStats {
-                    inner: layout.map_or(1, |l| l.1),
-                    var: var.into_iter().map(|v| v.max(floor)).collect(),
-                    peak,
-                }
+                var.iter()
+                    .zip(&acc)
+                    .map(|(v, a)| (v.max(floor), a[3]))
+                    .collect()
             })
             .collect();
         DenseReference { outputs }
@@ -120,34 +116,38 @@ impl DenseReference {
     ) -> f64 {
         let (mut total, mut channels) = (0.0, 0usize);
         for (o, stats) in self.outputs.iter().enumerate() {
-            let k = stats.var.len();
-            let (mut se, mut n, mut wse, mut w) =
-                (vec![0.0; k], vec![0.0; k], vec![0.0; k], vec![0.0; k]);
+            // Per channel: sum of e^2, count, sum of w e^2, sum of w.
+            let mut acc = vec![[0.0f64; 4]; stats.len()];
             for (f, q) in reference.iter().zip(quantized) {
-                let (Some((_, fv)), Some((_, qv))) = (f.get(o), q.get(o)) else {
+                let (Some((dims, fv)), Some((_, qv))) = (f.get(o), q.get(o)) else {
                     continue;
                 };
-                for (j, (&a, &b)) in fv.iter().zip(qv).enumerate() {
-                    let c = (j / stats.inner) % k;
-                    let e2 = ((b - a) as f64).powi(2);
-                    let weight = if stats.peak[c] > 0.0 {
-                        (a as f64).abs() / stats.peak[c]
-                    } else {
-                        0.0
+                let (k, inner) = channel_layout(dims, fv.len());
+                for (i, (fr, qr)) in fv.chunks(inner).zip(qv.chunks(inner)).enumerate() {
+                    let (Some(a), Some(&(_, peak))) = (acc.get_mut(i % k), stats.get(i % k)) else {
+                        continue;
                     };
-                    se[c] += e2;
-                    n[c] += 1.0;
-                    wse[c] += weight * e2;
-                    w[c] += weight;
+                    for (&x, &y) in fr.iter().zip(qr) {
+                        let e2 = ((y - x) as f64).powi(2);
+                        let w = if peak > 0.0 {
+                            (x as f64).abs() / peak
+                        } else {
+                            0.0
+                        };
+                        a[0] += e2;
+                        a[1] += 1.0;
+                        a[2] += w * e2;
+                        a[3] += w;
+                    }
                 }
             }
-            for c in 0..k {
-                if n[c] == 0.0 {
+            for (a, &(var, _)) in acc.iter().zip(stats) {
+                if a[1] == 0.0 {
                     continue;
                 }
-                let mean = se[c] / n[c];
-                let salient = if w[c] > 0.0 { wse[c] / w[c] } else { mean };
-                total += (mean + salient) / stats.var[c];
+                let mean = a[0] / a[1];
+                let salient = if a[3] > 0.0 { a[2] / a[3] } else { mean };
+                total += (mean + salient) / var;
                 channels += 1;
             }
         }

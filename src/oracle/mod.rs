@@ -307,8 +307,8 @@ pub struct Oracle {
     samples: Vec<Sample>,
     reference: Vec<SampleOutputs>,
     labels: Option<Vec<usize>>,
-    kind: crate::calib::LossKind,
-    /// The reference summarised per channel (`LossKind::Dense` only).
+    /// The reference summarised per channel, for `LossKind::Dense` (the loss is KL divergence or
+    /// cross-entropy without it).
     dense: Option<crate::calib::DenseReference>,
     batch: usize,
     /// Evaluations use the first `active` samples.
@@ -343,7 +343,7 @@ impl Oracle {
         let classifier = reference
             .first()
             .is_some_and(|o| o.len() == 1 && o[0].0.len() == 2 && o[0].0[1] > 1);
-        let kind = match (classifier, &labels) {
+        let dense = match (classifier, &labels) {
             (true, Some(l)) => {
                 let classes = reference[0][0].0[1];
                 if let Some((i, &c)) = l.iter().enumerate().find(|(_, c)| **c >= classes) {
@@ -352,22 +352,19 @@ impl Oracle {
                         samples[i].origin
                     );
                 }
-                crate::calib::LossKind::CrossEntropy
+                None
             }
-            (true, None) => crate::calib::LossKind::KlSoftmax,
+            (true, None) => None,
             (false, Some(_)) => anyhow::bail!(
                 "labels were given, but the model's output is not one [N, classes] tensor"
             ),
-            (false, None) => crate::calib::LossKind::Dense,
+            (false, None) => Some(crate::calib::DenseReference::new(&reference)),
         };
-        let dense = (kind == crate::calib::LossKind::Dense)
-            .then(|| crate::calib::DenseReference::new(&reference));
         Ok(Oracle {
             model,
             samples,
             reference,
             labels,
-            kind,
             dense,
             batch,
             active: std::sync::atomic::AtomicUsize::new(usize::MAX),
@@ -381,7 +378,12 @@ impl Oracle {
 
     /// Which loss this oracle computes.
     pub fn kind(&self) -> crate::calib::LossKind {
-        self.kind
+        use crate::calib::LossKind;
+        match (&self.dense, &self.labels) {
+            (Some(_), _) => LossKind::Dense,
+            (None, Some(_)) => LossKind::CrossEntropy,
+            (None, None) => LossKind::KlSoftmax,
+        }
     }
 
     /// Later losses, outputs and tails use the first `n` samples only (at least one; all of them
