@@ -4,8 +4,8 @@ against the float model on held-out data, with ONNX Runtime running everything b
 
 Models (scripts/fetch-models, scripts/fetch-effnet, scripts/make_encoder.py, scripts/make_minilm.py) and
 data; each metric's primary score (higher is better, in [0, 1]) comes first:
-  effnet, effnet_bn   EfficientNet-Lite0 folded / with 49 BatchNormalizations; photo crops (make_crops);
-                      metric: top-1 agreement
+  effnet, effnet_bn   EfficientNet-Lite0 folded / with 49 BatchNormalizations; photo crops (make_crops,
+                      256 calibration, 256 evaluation); metric: top-1 agreement
   ppocr_det           PP-OCRv4 detector; 320x320 photo crops and rendered text pages; metric: IoU of the
                       text masks (probability > 0.3) with the float model's
   ppocr_rec           PP-OCRv4 recognizer; 48x320 lines of rendered text; metric: per-step argmax
@@ -246,8 +246,8 @@ def prepare(name, rng, scale=1.0):
     if name in ("effnet", "effnet_bn"):
         path = os.path.join(WORK, "effnet", "efficientnet_lite0.onnx" if name == "effnet"
                             else "efficientnet_lite0_bn.onnx")
-        calib = make_crops.make_crops(calib_photos, n(64), rng)
-        evaluation = make_crops.make_crops(eval_photos, n(128), rng)
+        calib = make_crops.make_crops(calib_photos, n(256), rng)
+        evaluation = make_crops.make_crops(eval_photos, n(256), rng)
         return path, rows({"input": calib}), rows({"input": evaluation}), top1, [], None
     if name == "ppocr_det":
         def det(photos, count):
@@ -322,6 +322,7 @@ ORT_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percenti
 ORT_CONFIGS = [f"{m}-{g}{rr}" for m in ORT_METHODS for g in ("pt", "pc") for rr in ("", "-rr")]
 TOLERANCE = 0.002  # lapq "matches" ORT's best within this much of the primary score
 LATENCY_SAMPLES = 4  # evaluation samples per latency run
+MIN_RUN_SECONDS = 0.05  # least float time of one latency run
 
 
 def write_test_data_sets(samples, folder):
@@ -416,25 +417,30 @@ def evaluate(path, evaluation, float_outs, metric, output, lapq):
 
 
 class Latency:
-    """Quantized / float latency, ORT_ENABLE_ALL on one thread, batch 1: the median over `runs` runs through
-    the first LATENCY_SAMPLES evaluation samples, float and quantized runs interleaved."""
+    """Quantized / float latency, ORT_ENABLE_ALL on one thread, batch 1: the median over `runs` runs, each
+    through the first LATENCY_SAMPLES evaluation samples as many times as make it last MIN_RUN_SECONDS in
+    float (so that a model of a tenth of a millisecond is timed over more than the timer's noise), float
+    and quantized runs interleaved."""
 
     def __init__(self, float_path, evaluation, output, runs):
         self.samples = evaluation[:LATENCY_SAMPLES]
         self.output, self.runs = output, runs
         self.float = ortcheck.session(float_path, FUSED, threads=1)
+        self.once(self.float, 1)  # warm-up
+        self.repeats = max(1, int(np.ceil(MIN_RUN_SECONDS / max(self.once(self.float, 1), 1e-6))))
 
-    def once(self, sess):
+    def once(self, sess, repeats=None):
         out = output_of(sess, self.output)
         start = time.perf_counter()
-        for s in self.samples:
-            sess.run([out], s)
+        for _ in range(repeats or self.repeats):
+            for s in self.samples:
+                sess.run([out], s)
         return time.perf_counter() - start
 
     def ratio(self, path):
         try:
             quant = ortcheck.session(path, FUSED, threads=1)
-            self.once(self.float), self.once(quant)  # warm-up
+            self.once(self.float, 1), self.once(quant, 1)  # warm-up
             f, q = [], []
             for _ in range(self.runs):
                 f.append(self.once(self.float))

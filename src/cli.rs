@@ -273,7 +273,9 @@ pub struct PlanArgs {
     /// Also quantize softmax inputs and normalisation statistics (attention scores with their mask,
     /// LayerNorm's variance) and the residual stream (the sums into each LayerNorm), which by default
     /// stay float where MatMul or element-wise arithmetic computes them (ONNX Runtime's quantize_static
-    /// quantizes them)
+    /// quantizes them); and every element-wise op with an integer kernel, also where it saves no
+    /// conversion and float runs faster on ONNX Runtime's CPU provider (what full-integer
+    /// accelerators need)
     #[arg(long)]
     pub quantize_fragile: bool,
 }

@@ -161,7 +161,8 @@ pub struct QuantConfig {
     pub float_last_layer: bool,
     /// Quantize softmax inputs and normalisation statistics too (by default they stay float when
     /// MatMul or element-wise arithmetic computes them: attention scores with their additive mask,
-    /// LayerNorm's variance).
+    /// LayerNorm's variance), and every element-wise op with an integer kernel, also where the
+    /// planner's latency rule would keep it float.
     pub quantize_fragile: bool,
     /// Nodes (by label, see `onnx::node_label`) the accuracy fallback keeps in float.
     pub keep_float: Vec<String>,

@@ -261,6 +261,14 @@ fn judge(index: &GraphIndex, node: &NodeProto) -> std::result::Result<String, St
             if op == "MatMul" && !clipped {
                 return Ok("MatMulIntegerToFloat".into());
             }
+            // A Gemm whose output no QuantizeLinear reads becomes a QGemm with float output (not
+            // before a Clip either).
+            let float_only = consumers
+                .iter()
+                .all(|&c| index.node(c).op_type() != "QuantizeLinear");
+            if op == "Gemm" && float_only && !clipped && onnx::attr_f(node, "beta", 1.0) == 1.0 {
+                return Ok("QGemm".into());
+            }
             let reader = consumers
                 .iter()
                 .map(|&c| index.node(c))

@@ -384,6 +384,9 @@ pub fn plan_text(plan: &QuantPlan) -> String {
     let mut s = String::new();
     for n in &plan.nodes {
         let what = match &n.decision {
+            Decision::Quantized if plan.float_outputs.contains(&n.name) => {
+                "quantized, writes its output in float (no integer kernel reads it)".to_string()
+            }
             Decision::Quantized => "quantized".to_string(),
             Decision::Folded => "folded into its producer's range".to_string(),
             Decision::ConstantWeight => "constant stored quantized".to_string(),

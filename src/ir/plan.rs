@@ -100,6 +100,13 @@ pub enum SkipReason {
     ConcatIntoOutput,
     /// Kept float by the accuracy fallback: quantizing it cost the most of the target.
     KeptForAccuracy,
+    /// An element-wise op whose integer kernel would save no conversions: in float, with its
+    /// neighbours' decisions, it needs `float` standalone QuantizeLinear/DequantizeLinear kernels, on
+    /// integers `integer` of them.
+    FasterInFloat {
+        float: usize,
+        integer: usize,
+    },
 }
 
 /// A tensor kept float by default because 8 bits over its range lose what its consumer needs.
@@ -148,6 +155,7 @@ impl SkipReason {
             SkipReason::Fragile(_) => "fragile",
             SkipReason::ConcatIntoOutput => "concat_into_output",
             SkipReason::KeptForAccuracy => "kept_for_accuracy",
+            SkipReason::FasterInFloat { .. } => "faster_in_float",
         }
     }
 }
@@ -199,6 +207,11 @@ impl fmt::Display for SkipReason {
                 f,
                 "kept float by the accuracy target (--max-loss / --min-agreement): among the costliest to quantize"
             ),
+            SkipReason::FasterInFloat { float, integer } => write!(
+                f,
+                "faster in float: standalone Q/DQ conversions in float {float}, on integers {integer}; \
+                 ONNX Runtime's integer element-wise kernels are no faster than its float ones"
+            ),
         }
     }
 }
@@ -235,6 +248,9 @@ pub struct QuantPlan {
     pub biases: Vec<BiasSite>,
     pub folded: Vec<Folded>,
     pub nodes: Vec<NodeEntry>,
+    /// Labels of the MatMul and Gemm nodes that run on integers and write their output in float
+    /// because no integer kernel reads it (MatMulIntegerToFloat, QGemm without an output scale).
+    pub float_outputs: Vec<String>,
 }
 
 impl QuantPlan {
@@ -275,6 +291,10 @@ impl QuantPlan {
 }
 
 /// Plans the quantization of the indexed graph. Refuses models that are already quantized.
+///
+/// Placement follows ONNX Runtime's CPU provider (unless `quantize_fragile`): an element-wise op is
+/// quantized only where that saves standalone conversions, and a MatMul or Gemm output that only
+/// float nodes read is written in float (see [`Placement`]).
 pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
     let graph = index.graph;
     ensure!(
@@ -304,6 +324,129 @@ pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
             bail!("--exclude-nodes: the model has no node named '{name}'");
         }
     }
+    let mut placement = Placement::default();
+    loop {
+        let plan = plan_once(index, config, &placement)?;
+        if config.quantize_fragile || !placement.improve(index, &plan) {
+            return Ok(plan);
+        }
+    }
+}
+
+/// What the planner's latency rule has settled so far. Both sets only grow, so the rule ends.
+#[derive(Default)]
+struct Placement {
+    /// Quantized element-wise nodes that are faster in float, with the reason's conversion counts.
+    float: HashMap<usize, SkipReason>,
+    /// MatMul and Gemm outputs that no integer kernel reads: the node still runs on integers and
+    /// writes them in float (ONNX Runtime's MatMulIntegerToFloat, QGemm without an output scale),
+    /// without a Q/DQ pair.
+    unread: HashSet<String>,
+}
+
+impl Placement {
+    /// Adds to the sets what `plan` shows: each quantized element-wise node that needs no more
+    /// standalone conversions in float than on integers (ONNX Runtime's integer element-wise
+    /// kernels are no faster than its float ones, and float is exact), and each quantized MatMul or
+    /// Gemm output that only float nodes read. Returns whether anything was added.
+    ///
+    /// A conversion is a QuantizeLinear or DequantizeLinear that fuses into no integer kernel: a
+    /// float-produced tensor read on integers, or an integer-produced one read in float. Counts are
+    /// marginal (a conversion that another reader needs anyway is free). Demoting a node never makes
+    /// a neighbour's integer form cheaper, so the nodes of one round are demoted together.
+    fn improve(&mut self, index: &GraphIndex, plan: &QuantPlan) -> bool {
+        let quantized: HashSet<&str> = plan.activations.iter().map(|a| a.tensor.as_str()).collect();
+        let runs_on_integers = |i: usize| {
+            matches!(
+                plan.nodes[i].decision,
+                Decision::Quantized | Decision::Folded
+            )
+        };
+        let readers = |t: &str| {
+            let mut nodes = index.consumers(t).to_vec();
+            nodes.sort_unstable();
+            nodes.dedup();
+            let (on_integers, in_float): (Vec<usize>, Vec<usize>) = nodes
+                .into_iter()
+                .partition(|&c| runs_on_integers(c) && reads_quantized(index.node(c), t));
+            (
+                on_integers.len(),
+                in_float.len() + usize::from(index.is_graph_output(t)),
+            )
+        };
+        let produced_on_integers =
+            |t: &str| quantized.contains(t) && index.producer(t).is_some_and(runs_on_integers);
+        let mut changed = false;
+        for &i in &index.order {
+            let node = index.node(i);
+            if !runs_on_integers(i) {
+                continue;
+            }
+            let class = policy::op_class(node);
+            if class == Some(OpClass::MatMul) || node.op_type() == "Gemm" {
+                for out in node
+                    .output
+                    .iter()
+                    .filter(|o| quantized.contains(o.as_str()))
+                {
+                    if readers(out).0 == 0 && self.unread.insert(out.clone()) {
+                        changed = true;
+                    }
+                }
+                continue;
+            }
+            if !matches!(class, Some(OpClass::Independent(_))) {
+                continue;
+            }
+            let mut inputs: Vec<&str> = node
+                .input
+                .iter()
+                .map(String::as_str)
+                .filter(|t| quantized.contains(t) && index.constant(t).is_none())
+                .collect();
+            inputs.sort_unstable();
+            inputs.dedup();
+            let (mut float, mut integer) = (0, 0);
+            for t in inputs {
+                let (on_integers, in_float) = readers(t);
+                if produced_on_integers(t) {
+                    float += usize::from(in_float == 0);
+                } else {
+                    integer += usize::from(on_integers == 1);
+                }
+            }
+            for out in node
+                .output
+                .iter()
+                .filter(|o| quantized.contains(o.as_str()))
+            {
+                let (on_integers, in_float) = readers(out);
+                float += usize::from(on_integers > 0);
+                integer += usize::from(in_float > 0);
+            }
+            if float <= integer {
+                self.float
+                    .insert(i, SkipReason::FasterInFloat { float, integer });
+                changed = true;
+            }
+        }
+        changed
+    }
+}
+
+/// Whether a node that runs on integers reads `tensor` quantized (its data input, or any input of
+/// a MatMul or an op with independent parameters).
+fn reads_quantized(node: &onnx::NodeProto, tensor: &str) -> bool {
+    match policy::op_class(node) {
+        Some(OpClass::MatMul | OpClass::Independent(_)) => node.input.iter().any(|t| t == tensor),
+        Some(_) => node.input.first().is_some_and(|t| t == tensor),
+        None => false,
+    }
+}
+
+/// One planning pass with the latency rule's decisions so far.
+fn plan_once(index: &GraphIndex, config: &QuantConfig, placement: &Placement) -> Result<QuantPlan> {
+    let graph = index.graph;
     let layers: Vec<usize> = index
         .order
         .iter()
@@ -321,6 +464,7 @@ pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
         } else {
             fragile_tensors(index)
         },
+        unread: &placement.unread,
     };
     let mut decisions: Vec<Option<Decision>> = vec![None; graph.node.len()];
     for &i in &index.order {
@@ -336,7 +480,7 @@ pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
         } else if config.float_last_layer && layers.last() == Some(&i) {
             Some(SkipReason::LastLayerKeptFloat)
         } else {
-            None
+            placement.float.get(&i).cloned()
         };
         decisions[i] = Some(match excluded {
             Some(reason) => Decision::Float(reason),
@@ -345,6 +489,13 @@ pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
     }
     let mut plan = planner.plan;
     raise_to_eight_bits(&mut plan, config);
+    plan.float_outputs = index
+        .order
+        .iter()
+        .map(|&i| index.node(i))
+        .filter(|n| n.output.iter().any(|o| placement.unread.contains(o)))
+        .map(onnx::node_label)
+        .collect();
     for (i, node) in graph.node.iter().enumerate() {
         let mut decision = decisions[i]
             .take()
@@ -396,6 +547,8 @@ struct Planner<'a, 'm> {
     wt: HashMap<String, usize>,
     /// Tensors that stay float whatever their producer's class (empty with `quantize_fragile`).
     fragile: HashMap<String, Fragile>,
+    /// MatMul and Gemm outputs written in float (see [`Placement::unread`]).
+    unread: &'a HashSet<String>,
 }
 
 /// How a constant input of a node is to be quantized.
@@ -660,7 +813,7 @@ impl Planner<'_, '_> {
             .output
             .iter()
             .filter(|o| !o.is_empty() && self.index.is_float(o))
-            .filter(|o| !self.fragile.contains_key(o.as_str()))
+            .filter(|o| !self.fragile.contains_key(o.as_str()) && !self.unread.contains(o.as_str()))
             .collect();
         for out in outputs {
             let range = match fixed {

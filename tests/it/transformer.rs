@@ -50,10 +50,11 @@ fn softmax_inputs_variances_and_the_residual_stream_stay_float_by_default_and_th
         ],
         "{r}"
     );
-    // QK^T and the two projections into the residual stream still run on integer inputs, with a float
-    // output (ONNX Runtime's MatMulIntegerToFloat)
+    // QK^T, the two projections into the residual stream and the feed-forward MatMul before the
+    // float GELU still run on integer inputs, with a float output (ONNX Runtime's
+    // MatMulIntegerToFloat)
     assert_eq!(
-        checked["fusion"]["integer_ops"]["MatMulIntegerToFloat"], 3,
+        checked["fusion"]["integer_ops"]["MatMulIntegerToFloat"], 4,
         "{checked}"
     );
     // token ids and masks are int64: no site may read them
@@ -77,6 +78,51 @@ fn softmax_inputs_variances_and_the_residual_stream_stay_float_by_default_and_th
         kept * 3.0 < quantized,
         "float softmax inputs and variances: rel_rms {kept}, quantized: {quantized}"
     );
+}
+
+/// A decomposed LayerNorm's scale and shift and an Erf GELU sit between float ops: quantizing them
+/// saves no conversion, and it would stop ONNX Runtime fusing them into its float LayerNormalization
+/// and BiasGelu kernels. They stay float with their reason; their MatMuls still run on integers.
+#[test]
+fn element_wise_ops_between_float_ones_stay_float_so_that_the_runtime_fuses_them() {
+    let (r, checked) = report_and_check(&[]);
+    let faster: Vec<&str> = r["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["code"] == "faster_in_float")
+        .map(|s| s["node"].as_str().unwrap())
+        .collect();
+    for node in [
+        "embeddings.LayerNorm/Mul",
+        "embeddings.LayerNorm/Add_1",
+        "encoder.layer.0.attention.output.LayerNorm/Mul",
+        "encoder.layer.0.attention.output.LayerNorm/Add_1",
+        "encoder.layer.0.intermediate.dense/Add",
+        "encoder.layer.0/gelu/Add",
+        "encoder.layer.0/gelu/Mul",
+        "encoder.layer.0/gelu/Mul_1",
+        "encoder.layer.0.output.LayerNorm/Mul",
+        "encoder.layer.0.output.LayerNorm/Add_1",
+    ] {
+        assert!(faster.contains(&node), "{node} not kept float: {faster:?}");
+    }
+    let ops = &checked["fusion"]["all_ops"];
+    assert_eq!(ops["LayerNormalization"], 3, "{checked}");
+    assert_eq!(ops["BiasGelu"], 1, "{checked}");
+    assert!(ops.get("QLinearMul").is_none(), "{checked}");
+    // Every MatMul still runs on integers, and the classifier too.
+    assert_eq!(
+        checked["fusion"]["integer_ops"]["QLinearMatMul"]
+            .as_u64()
+            .unwrap()
+            + checked["fusion"]["integer_ops"]["MatMulIntegerToFloat"]
+                .as_u64()
+                .unwrap(),
+        8,
+        "{checked}"
+    );
+    assert_eq!(checked["fusion"]["integer_ops"]["QGemm"], 1, "{checked}");
 }
 
 #[test]
