@@ -19,6 +19,17 @@ fn report_and_check(extra: &[&str]) -> (serde_json::Value, serde_json::Value) {
     (r, checked)
 }
 
+/// The nodes the report lists as kept float with reason `code`.
+fn skipped_with<'r>(r: &'r serde_json::Value, code: &str) -> Vec<&'r str> {
+    r["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["code"] == code)
+        .map(|s| s["node"].as_str().unwrap())
+        .collect()
+}
+
 fn rel_rms(checked: &serde_json::Value) -> f64 {
     checked["outputs"]["logits"]["rel_rms"].as_f64().unwrap()
 }
@@ -27,13 +38,7 @@ fn rel_rms(checked: &serde_json::Value) -> f64 {
 fn softmax_inputs_variances_and_the_residual_stream_stay_float_by_default_and_that_keeps_accuracy()
 {
     let (r, checked) = report_and_check(&[]);
-    let fragile: Vec<&str> = r["skipped"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["code"] == "fragile")
-        .map(|s| s["node"].as_str().unwrap())
-        .collect();
+    let fragile = skipped_with(&r, "fragile");
     assert_eq!(
         fragile,
         [
@@ -86,13 +91,7 @@ fn softmax_inputs_variances_and_the_residual_stream_stay_float_by_default_and_th
 #[test]
 fn element_wise_ops_between_float_ones_stay_float_so_that_the_runtime_fuses_them() {
     let (r, checked) = report_and_check(&[]);
-    let faster: Vec<&str> = r["skipped"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["code"] == "faster_in_float")
-        .map(|s| s["node"].as_str().unwrap())
-        .collect();
+    let faster = skipped_with(&r, "faster_in_float");
     for node in [
         "embeddings.LayerNorm/Mul",
         "embeddings.LayerNorm/Add_1",
