@@ -453,8 +453,12 @@ impl Oracle {
     }
 
     /// The loss with `params`, which must equal the parameters `tail` was prepared with everywhere but
-    /// at its site; runs only the network downstream of the site.
+    /// at its site; runs only the network downstream of the site (the whole network where that part
+    /// cannot run alone, see [`quant::Tail`]).
     pub fn loss_in(&self, tail: &quant::Tail, params: &crate::calib::Params) -> Result<f64> {
+        if tail.whole() {
+            return self.loss(params);
+        }
         self.model.set_params(params)?;
         let outputs = self.model.run_tail(tail)?;
         Ok(self.loss_of(&outputs))

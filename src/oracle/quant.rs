@@ -809,7 +809,9 @@ impl QuantModel {
             Ok((values, rows))
         })?;
         for (values, _) in &cache {
-            models.tail.get(&value_facts(values))?;
+            if models.tail.get(&value_facts(values)).is_err() {
+                return Ok(Tail { part: None });
+            }
         }
         if models.head.len() == 1 {
             self.tails
@@ -817,7 +819,9 @@ impl QuantModel {
                 .map_err(|_| anyhow!("tail cache poisoned"))?
                 .insert(slot, models.clone());
         }
-        Ok(Tail { models, cache })
+        Ok(Tail {
+            part: Some((models, cache)),
+        })
     }
 
     /// The head and tail models of `slot`: the cached ones, or split anew (`tail` caches them).
@@ -909,8 +913,12 @@ impl QuantModel {
     ///
     /// The result equals `run` as long as no other site's parameters changed since `tail` was built.
     pub fn run_tail(&self, tail: &Tail) -> Result<Vec<SampleOutputs>> {
-        let per_group = par_map(&tail.cache, |(values, rows)| {
-            let plan = tail.models.tail.get(&value_facts(values))?;
+        let (models, cache) = tail
+            .part
+            .as_ref()
+            .context("the site's tail cannot run alone: run the whole network")?;
+        let per_group = par_map(cache, |(values, rows)| {
+            let plan = models.tail.get(&value_facts(values))?;
             let outputs = plan
                 .run(values.clone())
                 .map_err(|e| anyhow!("running the quantized tail: {e:#}"))?;
@@ -922,8 +930,20 @@ impl QuantModel {
 
 /// The network downstream of one site and the values entering it, per batch.
 pub struct Tail {
-    models: Arc<TailModels>,
-    cache: Vec<(TVec<TValue>, Vec<usize>)>,
+    /// `None` when tract cannot build the downstream part alone from the values entering it (a
+    /// Reshape whose shape is computed upstream of the site, from a Shape of an input): then the
+    /// whole network runs for each evaluation.
+    part: Option<(Arc<TailModels>, Vec<BoundaryBatch>)>,
+}
+
+/// The values entering a tail for one batch, and the rows of each sample in it.
+type BoundaryBatch = (TVec<TValue>, Vec<usize>);
+
+impl Tail {
+    /// Whether evaluations run the whole network (see `part`).
+    pub fn whole(&self) -> bool {
+        self.part.is_none()
+    }
 }
 
 /// The concrete shape and element type of an input.

@@ -1,6 +1,6 @@
 //! `--method auto`: each site's clipping chosen by the network's loss.
 
-use crate::{check_qdq, fixture, quantize_reporting, tempdir};
+use crate::{check_qdq, fixture, py, quantize_reporting, tempdir};
 
 fn f(v: &serde_json::Value) -> f64 {
     v.as_f64().expect("a number")
@@ -93,4 +93,44 @@ fn best_keeps_the_activation_ranges_with_the_clearly_lowest_loss() {
         }
     }
     eprintln!("chosen: {chosen_names:?}");
+}
+
+/// A Reshape downstream of a site whose target shape is computed upstream of it (from a Shape of the
+/// input, as YOLOv8's head and exported flatten layers do): tract cannot build the part after the
+/// site alone from its values, so the site's evaluations run the whole network instead of failing.
+#[test]
+fn auto_handles_a_reshape_whose_shape_is_computed_upstream_of_the_site() {
+    let dir = tempdir();
+    let (model, calib) = (dir.path().join("model.onnx"), dir.path().join("calib.npz"));
+    py(
+        "import sys, numpy as np, onnx\n\
+         from onnx import helper, TensorProto, numpy_helper as nh\n\
+         rng = np.random.default_rng(0)\n\
+         f = lambda name, shape, std: nh.from_array(rng.normal(0, std, shape).astype(np.float32), name)\n\
+         i = lambda name, v: nh.from_array(np.array(v, np.int64), name)\n\
+         nodes = [helper.make_node('Conv', ['x', 'w', 'b'], ['c'], name='conv', pads=[1, 1, 1, 1]),\n\
+         \x20        helper.make_node('Relu', ['c'], ['r'], name='relu'),\n\
+         \x20        helper.make_node('Shape', ['x'], ['s'], name='shape'),\n\
+         \x20        helper.make_node('Gather', ['s', 'zero'], ['n'], name='batch', axis=0),\n\
+         \x20        helper.make_node('Concat', ['n', 'minus1'], ['to'], name='to', axis=0),\n\
+         \x20        helper.make_node('Reshape', ['r', 'to'], ['flat'], name='flatten'),\n\
+         \x20        helper.make_node('MatMul', ['flat', 'fc.weight'], ['y'], name='fc')]\n\
+         inits = [f('w', (8, 4, 3, 3), 0.3), f('b', (8,), 0.1), f('fc.weight', (512, 10), 0.05),\n\
+         \x20        i('zero', [0]), i('minus1', [-1])]\n\
+         g = helper.make_graph(nodes, 'g', [helper.make_tensor_value_info('x', TensorProto.FLOAT, ['N', 4, 8, 8])],\n\
+         \x20   [helper.make_tensor_value_info('y', TensorProto.FLOAT, ['N', 10])], inits)\n\
+         m = helper.make_model(g, opset_imports=[helper.make_opsetid('', 13)], ir_version=8)\n\
+         onnx.checker.check_model(m, full_check=True)\n\
+         onnx.save(m, sys.argv[1])\n\
+         np.savez(sys.argv[2], x=rng.normal(0, 1, (16, 4, 8, 8)).astype(np.float32))",
+        &[&model, &calib],
+    );
+    let out = dir.path().join("q.onnx");
+    let r = quantize_reporting(&model, &out, &calib, &["--method", "auto"]);
+    assert!(
+        f(&r["auto"]["final_loss"]) <= f(&r["auto"]["start_loss"]),
+        "{}",
+        r["auto"]
+    );
+    check_qdq(&model, &out, &calib, "w8a8", "Conv,MatMul");
 }
