@@ -324,9 +324,14 @@ pub fn plan(index: &GraphIndex, config: &QuantConfig) -> Result<QuantPlan> {
             bail!("--exclude-nodes: the model has no node named '{name}'");
         }
     }
+    let fragile = if config.quantize_fragile {
+        HashMap::new()
+    } else {
+        fragile_tensors(index)
+    };
     let mut placement = Placement::default();
     loop {
-        let plan = plan_once(index, config, &placement)?;
+        let plan = plan_once(index, config, &fragile, &placement)?;
         if config.quantize_fragile || !placement.improve(index, &plan) {
             return Ok(plan);
         }
@@ -445,7 +450,12 @@ fn reads_quantized(node: &onnx::NodeProto, tensor: &str) -> bool {
 }
 
 /// One planning pass with the latency rule's decisions so far.
-fn plan_once(index: &GraphIndex, config: &QuantConfig, placement: &Placement) -> Result<QuantPlan> {
+fn plan_once(
+    index: &GraphIndex,
+    config: &QuantConfig,
+    fragile: &HashMap<String, Fragile>,
+    placement: &Placement,
+) -> Result<QuantPlan> {
     let graph = index.graph;
     let layers: Vec<usize> = index
         .order
@@ -459,11 +469,7 @@ fn plan_once(index: &GraphIndex, config: &QuantConfig, placement: &Placement) ->
         plan: QuantPlan::default(),
         act: HashMap::new(),
         wt: HashMap::new(),
-        fragile: if config.quantize_fragile {
-            HashMap::new()
-        } else {
-            fragile_tensors(index)
-        },
+        fragile,
         unread: &placement.unread,
     };
     let mut decisions: Vec<Option<Decision>> = vec![None; graph.node.len()];
@@ -546,7 +552,7 @@ struct Planner<'a, 'm> {
     /// Weight site of each quantized constant.
     wt: HashMap<String, usize>,
     /// Tensors that stay float whatever their producer's class (empty with `quantize_fragile`).
-    fragile: HashMap<String, Fragile>,
+    fragile: &'a HashMap<String, Fragile>,
     /// MatMul and Gemm outputs written in float (see [`Placement::unread`]).
     unread: &'a HashSet<String>,
 }

@@ -2,7 +2,7 @@
 //! quantized tensor, reading its parameters from a table shared with the caller. Changing parameters
 //! writes the table; it never rebuilds or re-optimizes the model.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -547,6 +547,8 @@ pub struct QuantModel {
     /// eight sequence lengths, keeping them grew memory without bound (24 GB within 90 s), while
     /// splitting again on each focus stays at the model's own size.
     tails: Mutex<HashMap<usize, Arc<TailModels>>>,
+    /// Slots whose tail tract cannot build alone (see [`Tail`]): refocusing on them runs nothing.
+    whole: Mutex<HashSet<usize>>,
 }
 
 /// A slot's split of the network: the head computes the values entering the part downstream of the
@@ -658,6 +660,7 @@ impl QuantModel {
             table,
             fq_nodes,
             tails: Mutex::new(HashMap::new()),
+            whole: Mutex::new(HashSet::new()),
         })
     }
 
@@ -797,6 +800,14 @@ impl QuantModel {
     /// first, then weights, then biases): runs the network once with the current parameters, keeps the
     /// values entering the part downstream of the site, and builds that part alone.
     pub fn tail(&self, slot: usize, samples: &[Sample], batch: usize) -> Result<Tail> {
+        let whole = || {
+            self.whole
+                .lock()
+                .map_err(|_| anyhow!("tail cache poisoned"))
+        };
+        if whole()?.contains(&slot) {
+            return Ok(Tail { part: None });
+        }
         let models = self.tail_models(slot)?;
         let groups = batches(samples, batch.max(1));
         let cache = par_map(&groups, |range| {
@@ -810,6 +821,7 @@ impl QuantModel {
         })?;
         for (values, _) in &cache {
             if models.tail.get(&value_facts(values)).is_err() {
+                whole()?.insert(slot);
                 return Ok(Tail { part: None });
             }
         }
