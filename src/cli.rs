@@ -158,9 +158,11 @@ pub struct QuantizeArgs {
     /// quantized weights add to the output channels).
     #[arg(long)]
     pub no_bias_correction: bool,
-    /// How weight codes are chosen. gptq: rounding with error feedback (GPTQ) for Conv and Gemm
-    /// weights below 8 bits (the 7-bit weights of --target portable, --wbits below 8), from their
-    /// inputs' correlations over the calibration data; nearest: every value to its nearest code.
+    /// How weight codes are chosen. gptq: rounding with error feedback (GPTQ) for Conv, Gemm and
+    /// MatMul weights below 8 bits (the 7-bit weights of --target portable, --wbits below 8), from
+    /// their inputs' correlations over the calibration data; adaround: for the same weights, each
+    /// rounded up or down by AdaRound's optimisation of its layer's output error (slower); nearest:
+    /// every value to its nearest code.
     #[arg(long, value_enum, default_value_t = RoundingArg::Gptq)]
     pub rounding: RoundingArg,
     /// Keep normalisation outputs as they are (by default, a LayerNormalization, or a per-channel
@@ -344,6 +346,7 @@ pub enum ContainerArg {
 pub enum RoundingArg {
     Nearest,
     Gptq,
+    Adaround,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -460,6 +463,7 @@ impl QuantizeArgs {
                 rounding: match self.rounding {
                     RoundingArg::Nearest => Rounding::Nearest,
                     RoundingArg::Gptq => Rounding::Gptq,
+                    RoundingArg::Adaround => Rounding::Adaround,
                 },
                 sensitivity: self.sensitivity,
                 target,

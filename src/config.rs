@@ -45,11 +45,14 @@ pub enum Method {
 pub enum Rounding {
     /// Every value to its nearest code.
     Nearest,
-    /// GPTQ's rounding with error feedback, for Conv (ungrouped) and Gemm weights below 8 bits that
-    /// have a bias: each column's rounding error moves onto the columns not yet rounded, weighted by
-    /// how the layer's calibration inputs correlate. 8-bit weights round to nearest.
+    /// GPTQ's rounding with error feedback, for Conv, Gemm and MatMul weights below 8 bits: each
+    /// column's rounding error moves onto the columns not yet rounded, weighted by how the layer's
+    /// calibration inputs correlate. 8-bit weights round to nearest.
     #[default]
     Gptq,
+    /// AdaRound's learned up-or-down rounding for the same weights: each layer's output error on its
+    /// calibration inputs, minimised by gradient descent on a relaxed rounding.
+    Adaround,
 }
 
 /// How codes of grids narrower than 8 bits are stored.

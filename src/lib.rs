@@ -158,7 +158,7 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         _ => {}
     }
     let mut loss = None;
-    quantize::rounding::round(&mut c, &job.quant, &mut loss)?;
+    quantize::rounding::round(&mut c, &job.quant, &mut loss, job.progress)?;
     if job.quant.act_method == config::Method::Best {
         quantize::auto::best(&mut c, &job.quant, &mut loss)?;
     }
@@ -205,7 +205,7 @@ fn calibrate_protected(
         c.params = chosen
             .params
             .context("internal: the fallback kept no parameters")?;
-        quantize::rounding::round(&mut c, q, &mut None)?;
+        quantize::rounding::round(&mut c, q, &mut None, job.progress)?;
     }
     report.exported = Some(oracle(&c, n, 1)?.score(&c.params)?);
     c.timings
@@ -405,7 +405,11 @@ fn observe(
             .tensor();
         let dims = onnx::tensor_dims(wt)?;
         let (_, columns) = quantize::rounding::row_shape(&dims, &window);
-        let bytes = columns * columns * std::mem::size_of::<f64>();
+        let groups = match &window {
+            calib::bias::Window::Conv { group, .. } => *group,
+            _ => 1,
+        };
+        let bytes = groups * columns * columns * std::mem::size_of::<f64>();
         if gram_bytes + bytes > GRAM_BUDGET {
             continue;
         }

@@ -228,16 +228,20 @@ impl Report {
         }
         if let Some(r) = &self.rounding {
             s.push_str(&format!(
-                "\n  rounding: error feedback (GPTQ) on {} weights: loss {:.3e} against {:.3e} with nearest \
+                "\n  rounding: {} on {} weights: loss {:.3e} against {:.3e} with nearest \
                  rounding on {} samples; {}",
+                match r.method {
+                    crate::config::Rounding::Adaround => "AdaRound",
+                    _ => "error feedback (GPTQ)",
+                },
                 r.weights,
-                r.gptq_loss,
+                r.rounded_loss,
                 r.nearest_loss,
                 r.samples,
                 if r.kept {
                     "kept"
                 } else {
-                    "nearest kept (error feedback raised the loss)"
+                    "nearest kept (the optimised codes raised the loss)"
                 }
             ));
         }

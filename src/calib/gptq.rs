@@ -18,17 +18,21 @@ const DAMPING: f64 = 0.01;
 
 /// Sum of `x x^T` over every window of a layer's input (the columns of its weight rows, in the
 /// weight's own layout: input channel, then kernel positions), and how many windows were summed.
+/// A grouped Conv has one sum per group: group `g`'s output rows read only its input channels.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WindowGram {
-    /// Columns of a weight row: `K` for Gemm, `C x k...` for Conv.
+    /// Columns of a weight row: `K` for Gemm, `C / group x k...` for Conv.
     pub k: usize,
-    /// `k x k`, row-major.
+    /// Groups of output rows with their own input windows (1 but for a grouped Conv).
+    pub groups: usize,
+    /// `groups x k x k`, row-major.
     pub sums: Vec<f64>,
+    /// Windows summed, per group.
     pub count: u64,
 }
 
 impl WindowStat for WindowGram {
-    /// Handles Gemm, MatMul (`Window::Dense`) and ungrouped 1-D and 2-D Conv.
+    /// Handles Gemm, MatMul (`Window::Dense`) and 1-D and 2-D Conv, grouped or not.
     fn observe(
         &mut self,
         window: &Window,
@@ -58,7 +62,9 @@ impl WindowStat for WindowGram {
                 } else {
                     x.to_vec()
                 };
-                self.add(&patches, rows, k)
+                self.add(0, 1, &patches, k)?;
+                self.count += rows as u64;
+                Ok(())
             }
             Window::Conv {
                 group,
@@ -66,10 +72,6 @@ impl WindowStat for WindowGram {
                 dilations,
                 pads,
             } => {
-                ensure!(
-                    *group == 1,
-                    "grouped Conv: rounding with error feedback needs group 1"
-                );
                 let spatial = dims.len().saturating_sub(2);
                 ensure!(
                     (1..=2).contains(&spatial) && kernel.len() == spatial,
@@ -83,6 +85,11 @@ impl WindowStat for WindowGram {
                     }
                 };
                 let (n, c) = (dims[0], dims[1]);
+                ensure!(
+                    *group > 0 && c.is_multiple_of(*group),
+                    "Conv input of {c} channels in {group} groups"
+                );
+                let (groups, c) = (*group, c / *group);
                 let [h, w] = lift(&dims[2..]);
                 let [kh, kw] = lift(kernel);
                 let (s, d) = (lift(strides), lift(dilations));
@@ -91,33 +98,36 @@ impl WindowStat for WindowGram {
                 let k = c * taps;
                 let mut patches = vec![0f32; positions * k];
                 for img in 0..n {
-                    patches.fill(0.0);
-                    for ch in 0..c {
-                        let plane = &x[(img * c + ch) * h * w..][..h * w];
-                        for i in 0..kh {
-                            for j in 0..kw {
-                                let col = ch * taps + i * kw + j;
-                                for o in 0..oh {
-                                    let Some(y) = (o * s[0] + i * d[0]).checked_sub(begin[0])
-                                    else {
-                                        continue;
-                                    };
-                                    if y >= h {
-                                        continue;
-                                    }
-                                    for p in 0..ow {
-                                        if let Some(xx) =
-                                            (p * s[1] + j * d[1]).checked_sub(begin[1])
-                                            && xx < w
-                                        {
-                                            patches[(o * ow + p) * k + col] = plane[y * w + xx];
+                    for g in 0..groups {
+                        patches.fill(0.0);
+                        for ch in 0..c {
+                            let plane = &x[((img * groups + g) * c + ch) * h * w..][..h * w];
+                            for i in 0..kh {
+                                for j in 0..kw {
+                                    let col = ch * taps + i * kw + j;
+                                    for o in 0..oh {
+                                        let Some(y) = (o * s[0] + i * d[0]).checked_sub(begin[0])
+                                        else {
+                                            continue;
+                                        };
+                                        if y >= h {
+                                            continue;
+                                        }
+                                        for p in 0..ow {
+                                            if let Some(xx) =
+                                                (p * s[1] + j * d[1]).checked_sub(begin[1])
+                                                && xx < w
+                                            {
+                                                patches[(o * ow + p) * k + col] = plane[y * w + xx];
+                                            }
                                         }
                                     }
                                 }
                             }
                         }
+                        self.add(g, groups, &patches, k)?;
                     }
-                    self.add(&patches, positions, k)?;
+                    self.count += positions as u64;
                 }
                 Ok(())
             }
@@ -126,16 +136,19 @@ impl WindowStat for WindowGram {
 }
 
 impl WindowGram {
-    /// Adds `P^T P` for `patches` `P` (`rows x k`, row-major).
-    fn add(&mut self, patches: &[f32], rows: usize, k: usize) -> Result<()> {
+    /// Adds `P^T P` to group `g`'s sum, for `patches` `P` (`rows x k`, row-major); the caller counts
+    /// the windows.
+    fn add(&mut self, g: usize, groups: usize, patches: &[f32], k: usize) -> Result<()> {
         if self.k == 0 {
-            (self.k, self.sums) = (k, vec![0.0; k * k]);
+            (self.k, self.groups, self.sums) = (k, groups, vec![0.0; groups * k * k]);
         }
         ensure!(
-            self.k == k,
-            "input windows of {k} values after windows of {}",
-            self.k
+            self.k == k && self.groups == groups,
+            "input windows of {k} values in {groups} groups after windows of {} in {}",
+            self.k,
+            self.groups
         );
+        let rows = patches.len() / k.max(1);
         let mut gram = vec![0f32; k * k];
         // SAFETY: `patches` holds `rows x k` values and `gram` `k x k`, with the strides given.
         unsafe {
@@ -156,10 +169,9 @@ impl WindowGram {
                 1,
             );
         }
-        for (s, g) in self.sums.iter_mut().zip(&gram) {
-            *s += *g as f64;
+        for (s, v) in self.sums[g * k * k..][..k * k].iter_mut().zip(&gram) {
+            *s += *v as f64;
         }
-        self.count += rows as u64;
         Ok(())
     }
 
@@ -173,7 +185,7 @@ impl WindowGram {
             return Ok(());
         }
         ensure!(
-            self.k == other.k,
+            self.k == other.k && self.groups == other.groups,
             "Gram matrices of {} and {} columns",
             self.k,
             other.k
@@ -187,8 +199,9 @@ impl WindowGram {
 }
 
 /// The rounded values (`rows x k`, row-major, each on its row's grid) of weight rows `w` whose
-/// columns see inputs of Gram matrix `gram`. Row `r` quantizes with `scales[r]` and
-/// `zero_points[r]`. Columns whose input was always zero round to nearest and pass no error on.
+/// columns see inputs of Gram matrix `gram` (rows split evenly among its groups, in order). Row `r`
+/// quantizes with `scales[r]` and `zero_points[r]`. Columns whose input was always zero round to
+/// nearest and pass no error on.
 pub fn round_rows(
     w: &[f32],
     gram: &WindowGram,
@@ -196,21 +209,26 @@ pub fn round_rows(
     scales: &[f32],
     zero_points: &[i64],
 ) -> Result<Vec<f32>> {
-    let k = gram.k;
-    ensure!(
-        k > 0
-            && w.len().is_multiple_of(k)
-            && w.len() / k == scales.len()
-            && scales.len() == zero_points.len(),
-        "{} weights, {} scales for rows of {k} columns",
-        w.len(),
-        scales.len()
-    );
-    let u = feedback_factor(gram)?;
-    let mut out = vec![0f32; w.len()];
+    Ok(feedback_rounding(w, gram, grid, scales, zero_points)?.0)
+}
+
+/// [`round_rows`]'s values, and the compensated values they are the nearest rounding of: each
+/// weight plus the errors fed back to it from the columns rounded before it.
+pub fn feedback_rounding(
+    w: &[f32],
+    gram: &WindowGram,
+    grid: Grid,
+    scales: &[f32],
+    zero_points: &[i64],
+) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (k, per_group) = gram.layout(w.len(), scales, zero_points)?;
+    let factors: Vec<Vec<f64>> = (0..gram.groups)
+        .map(|g| feedback_factor(&gram.normalised(g, 0.0)?, k))
+        .collect::<Result<_>>()?;
     let rows: Vec<(usize, &[f32])> = w.chunks(k).enumerate().collect();
     let rounded = super::par_map(&rows, |(r, row)| {
         let (s, z) = (scales[*r], zero_points[*r]);
+        let u = &factors[*r / per_group];
         let mut x: Vec<f64> = row.iter().map(|&v| v as f64).collect();
         let mut q = vec![0f32; k];
         for j in 0..k {
@@ -222,26 +240,138 @@ pub fn round_rows(
                 }
             }
         }
-        q
+        (q, x.iter().map(|&v| v as f32).collect::<Vec<f32>>())
     });
-    for (chunk, q) in out.chunks_mut(k).zip(rounded) {
-        chunk.copy_from_slice(&q);
+    let (mut values, mut targets) = (Vec::with_capacity(w.len()), Vec::with_capacity(w.len()));
+    for (q, x) in rounded {
+        values.extend(q);
+        targets.extend(x);
     }
-    Ok(out)
+    Ok((values, targets))
 }
 
-/// The upper Cholesky factor `U` of `(H + damping)^-1` (`H^-1 = U^T U`), row-major; dead columns
-/// (zero diagonal) get a unit diagonal and no coupling.
-fn feedback_factor(gram: &WindowGram) -> Result<Vec<f64>> {
-    let k = gram.k;
-    let count = gram.count.max(1) as f64;
-    let diag: Vec<f64> = (0..k).map(|i| gram.sums[i * k + i] / count).collect();
-    let live: Vec<bool> = diag.iter().map(|&d| d > 0.0).collect();
-    let mean = diag.iter().sum::<f64>() / k as f64;
+impl WindowGram {
+    /// Checks that `values` weights with `scales` and `zero_points` (one per row) fit this Gram's
+    /// layout; returns the columns per row and the rows per group.
+    pub fn layout(
+        &self,
+        values: usize,
+        scales: &[f32],
+        zero_points: &[i64],
+    ) -> Result<(usize, usize)> {
+        let k = self.k;
+        ensure!(
+            k > 0
+                && values.is_multiple_of(k)
+                && values / k == scales.len()
+                && scales.len() == zero_points.len(),
+            "{values} weights, {} scales for rows of {k} columns",
+            scales.len()
+        );
+        let rows = values / k;
+        ensure!(
+            self.groups > 0 && rows.is_multiple_of(self.groups),
+            "{rows} output rows in {} groups",
+            self.groups
+        );
+        Ok((k, rows / self.groups))
+    }
+
+    /// Group `g`'s mean `E[x x^T]` (`k x k`, row-major), with `damping` times its mean diagonal
+    /// added to the diagonal of the columns whose input was ever non-zero.
+    pub fn normalised(&self, g: usize, damping: f64) -> Result<Vec<f64>> {
+        let k = self.k;
+        ensure!(g < self.groups, "group {g} of {}", self.groups);
+        let count = self.count.max(1) as f64;
+        let mut h: Vec<f64> = self.sums[g * k * k..][..k * k]
+            .iter()
+            .map(|v| v / count)
+            .collect();
+        let mean = (0..k).map(|i| h[i * k + i]).sum::<f64>() / k as f64;
+        for i in 0..k {
+            if h[i * k + i] > 0.0 {
+                h[i * k + i] += damping * mean;
+            }
+        }
+        Ok(h)
+    }
+}
+
+/// `out = d h` for `d` (`n x k`) and symmetric `h` (`k x k`), all row-major.
+pub(super) fn times_gram(d: &[f32], h: &[f32], out: &mut [f32], n: usize, k: usize) {
+    // SAFETY: `d` holds `n x k` values, `h` `k x k` and `out` `n x k`, with the strides given.
+    unsafe {
+        matrixmultiply::sgemm(
+            n,
+            k,
+            k,
+            1.0,
+            d.as_ptr(),
+            k as isize,
+            1,
+            h.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            out.as_mut_ptr(),
+            k as isize,
+            1,
+        );
+    }
+}
+
+/// Per row, the output error `d h d^T` of rows `values` against rows `w` (`d = values - w`, rows of
+/// `k` columns) for inputs of mean Gram `h`.
+pub(super) fn row_errors(w: &[f32], values: &[f32], h: &[f32], k: usize) -> Vec<f64> {
+    let d: Vec<f32> = values.iter().zip(w).map(|(a, b)| a - b).collect();
+    let mut product = vec![0f32; d.len()];
+    times_gram(&d, h, &mut product, d.len() / k.max(1), k);
+    d.chunks(k)
+        .zip(product.chunks(k))
+        .map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x * y) as f64).sum())
+        .collect()
+}
+
+impl WindowGram {
+    /// The output error `sum_r d_r H d_r^T` of rows `values` against rows `w` (rows split evenly
+    /// among the groups, in order).
+    pub fn output_error(&self, w: &[f32], values: &[f32]) -> Result<f64> {
+        ensure!(
+            w.len() == values.len(),
+            "{} values for {} weights",
+            values.len(),
+            w.len()
+        );
+        let k = self.k;
+        let rows = w.len() / k.max(1);
+        ensure!(
+            k > 0 && self.groups > 0 && rows * k == w.len() && rows.is_multiple_of(self.groups),
+            "{} weights for rows of {k} columns in {} groups",
+            w.len(),
+            self.groups
+        );
+        let per_group = rows / self.groups;
+        let mut total = 0.0;
+        for g in 0..self.groups {
+            let h: Vec<f32> = self.normalised(g, 0.0)?.iter().map(|&v| v as f32).collect();
+            let span = g * per_group * k..(g + 1) * per_group * k;
+            total += row_errors(&w[span.clone()], &values[span], &h, k)
+                .iter()
+                .sum::<f64>();
+        }
+        Ok(total)
+    }
+}
+
+/// The upper Cholesky factor `U` of `(H + damping)^-1` (`H^-1 = U^T U`), row-major, for one
+/// group's undamped mean Gram `h`; dead columns (zero diagonal) get a unit diagonal and no coupling.
+fn feedback_factor(h: &[f64], k: usize) -> Result<Vec<f64>> {
+    let live: Vec<bool> = (0..k).map(|i| h[i * k + i] > 0.0).collect();
+    let mean = (0..k).map(|i| h[i * k + i]).sum::<f64>() / k as f64;
     let damp = DAMPING * if mean > 0.0 { mean } else { 1.0 };
     let h = Mat::from_fn(k, k, |i, j| {
         if live[i] && live[j] {
-            gram.sums[i * k + j] / count + if i == j { damp } else { 0.0 }
+            h[i * k + j] + if i == j { damp } else { 0.0 }
         } else if i == j {
             1.0
         } else {
@@ -386,5 +516,101 @@ mod tests {
         for (i, (a, b)) in gram.sums.iter().zip(&expected).enumerate() {
             assert!((a - b).abs() < 1e-4, "entry {i}: {a} vs {b}");
         }
+    }
+
+    /// A grouped, strided, padded Conv: the Gram form's output error equals the squared error of
+    /// the two convolutions' outputs, averaged over output positions and summed over channels.
+    #[test]
+    fn the_gram_gives_a_grouped_convolutions_output_error() {
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let (groups, cg, h, w, kk, m) = (2, 2, 6, 5, 3, 4);
+        let c = groups * cg;
+        let x: Vec<f32> = (0..2 * c * h * w)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let window = Window::Conv {
+            group: groups,
+            strides: vec![2, 1],
+            dilations: vec![1, 1],
+            pads: Pads::Explicit(vec![1, 0, 1, 2]),
+        };
+        let mut gram = WindowGram::default();
+        gram.observe(&window, &[kk, kk], &[2, c, h, w], &x).unwrap();
+        let k = cg * kk * kk;
+        assert_eq!((gram.k, gram.groups), (k, groups));
+        let weights: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let other: Vec<f32> = weights
+            .iter()
+            .map(|v| v + rng.random_range(-0.1..0.1))
+            .collect();
+        // Direct: output (img, row, o, p) of a [m, cg, kk, kk] weight over input channels of the
+        // row's group.
+        let (oh, ow) = ((h + 1 + 1 - kk) / 2 + 1, w + 2 - kk + 1);
+        let conv = |wt: &[f32], img: usize, row: usize, o: usize, p: usize| -> f64 {
+            let g = row / (m / groups);
+            let mut total = 0.0;
+            for ch in 0..cg {
+                for i in 0..kk {
+                    for j in 0..kk {
+                        let (y, xx) = ((o * 2 + i) as isize - 1, (p + j) as isize);
+                        if y >= 0 && (y as usize) < h && (xx as usize) < w {
+                            let input =
+                                x[((img * c + g * cg + ch) * h + y as usize) * w + xx as usize];
+                            total += (wt[row * k + ch * kk * kk + i * kk + j] * input) as f64;
+                        }
+                    }
+                }
+            }
+            total
+        };
+        let mut expected = 0.0;
+        for img in 0..2 {
+            for row in 0..m {
+                for o in 0..oh {
+                    for p in 0..ow {
+                        let d = conv(&other, img, row, o, p) - conv(&weights, img, row, o, p);
+                        expected += d * d;
+                    }
+                }
+            }
+        }
+        expected /= (2 * oh * ow) as f64;
+        assert_eq!(gram.count, (2 * oh * ow) as u64);
+        let got = gram.output_error(&weights, &other).unwrap();
+        assert!(
+            (got - expected).abs() <= 1e-4 * expected,
+            "Gram form {got} against direct {expected}"
+        );
+    }
+
+    /// Two columns: once column 0 is rounded, column 1's target is the exact minimiser of the
+    /// damped quadratic error over the value of column 1.
+    #[test]
+    fn feedback_moves_the_rounding_error_to_the_exact_minimiser() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let x = inputs(&mut rng, 300, 2, 99);
+        let mut gram = WindowGram::default();
+        let window = Window::Dense {
+            trans_a: false,
+            trans_b: false,
+        };
+        gram.observe(&window, &[], &[300, 2], &x).unwrap();
+        let grid = Grid {
+            bits: 4,
+            ..Grid::I8_SYM
+        };
+        let w = [0.37f32, -0.21];
+        let (values, targets) = feedback_rounding(&w, &gram, grid, &[0.1], &[0]).unwrap();
+        let h = gram.normalised(0, DAMPING).unwrap();
+        let d0 = (values[0] - w[0]) as f64;
+        // d/dd1 of [d0 d1] H [d0 d1]^T = 0.
+        let exact = w[1] as f64 - d0 * h[1] / h[3];
+        assert_eq!(values[0], grid.fake_quant(w[0], 0.1, 0));
+        assert!(
+            (targets[1] as f64 - exact).abs() < 1e-5,
+            "target {} against the exact minimiser {exact}",
+            targets[1]
+        );
+        assert_eq!(values[1], grid.fake_quant(targets[1], 0.1, 0));
     }
 }

@@ -2,6 +2,7 @@
 //! calibration methods. It sees numbers only (no files, no protobuf, no inference engine), so everything
 //! here is unit-tested without a model.
 
+pub mod adaround;
 pub mod bias;
 mod clip;
 pub mod gptq;

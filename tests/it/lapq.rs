@@ -165,10 +165,10 @@ fn exported_loss(report: &lapq::report::Report, lapq_loss: f64) -> f64 {
     match &report.rounding {
         Some(r) if r.kept => {
             assert!(
-                r.gptq_loss <= lapq_loss,
+                r.rounded_loss <= lapq_loss,
                 "{r:?} kept above LAPQ's {lapq_loss}"
             );
-            r.gptq_loss
+            r.rounded_loss
         }
         Some(r) => {
             // Nearest rounding is what LAPQ optimised: the oracle scores it as LAPQ did.

@@ -1,5 +1,6 @@
-//! `--rounding gptq` (the default): weights below 8 bits get their codes by error feedback where the
-//! network's loss says so; the export is what the oracle scored, as ONNX Runtime computes it.
+//! `--rounding gptq` (the default) and `--rounding adaround`: weights below 8 bits get optimised
+//! codes where the network's loss says so; the export is what the oracle scored, as ONNX Runtime
+//! computes it.
 
 use std::path::Path;
 
@@ -19,20 +20,21 @@ fn ort_error(model: &Path, quant: &Path, data: &Path, op: &str) -> f64 {
 }
 
 /// 4-bit weights on fixtures whose layer inputs correlate (ReLU outputs, shared features): error
-/// feedback lowers the loss, the guard keeps its codes, and ONNX Runtime's error on the exported
-/// model drops against nearest rounding's export.
+/// feedback and AdaRound lower the loss, the guard keeps their codes, and ONNX Runtime's error on
+/// the exported model drops against nearest rounding's export. Depthwise (grouped) Convs count.
 #[test]
-fn error_feedback_lowers_the_error_of_narrow_weights() {
+fn optimised_rounding_lowers_the_error_of_narrow_weights() {
     let dir = tempdir();
     for (name, op, layers) in [
         ("gemm", "Gemm", 2),
         ("classifier", "Conv", 3),
         ("concat", "Conv", 3),
+        ("depthwise_conv", "Conv", 3),
     ] {
         let model = fixture(name).join("model.onnx");
         let calib = fixture(name).join("calib.npz");
         let mut errors = vec![];
-        for rounding in ["nearest", "gptq"] {
+        for rounding in ["nearest", "gptq", "adaround"] {
             let out = dir.path().join(format!("{name}.{rounding}.onnx"));
             let report = quantize_reporting(
                 &model,
@@ -47,12 +49,21 @@ fn error_feedback_lowers_the_error_of_narrow_weights() {
                     "x86-vnni",
                 ],
             );
-            if rounding == "gptq" {
+            if rounding != "nearest" {
                 let r = &report["rounding"];
+                assert_eq!(r["method"], rounding, "{name}: {r}");
+                let layers_reported = r["layers"].as_array().expect("per-layer rounding");
+                assert_eq!(layers_reported.len(), layers, "{name}: {r}");
+                for l in layers_reported {
+                    assert!(
+                        l["error"].as_f64() <= l["nearest_error"].as_f64(),
+                        "{name}: {l}"
+                    );
+                }
                 assert_eq!(r["weights"], layers, "{name}: {r}");
                 assert_eq!(r["kept"], true, "{name}: {r}");
                 assert!(
-                    r["gptq_loss"].as_f64() < r["nearest_loss"].as_f64(),
+                    r["rounded_loss"].as_f64() < r["nearest_loss"].as_f64(),
                     "{name}: {r}"
                 );
                 assert_eq!(report["weights_rounded"], layers, "{name}");
@@ -62,39 +73,53 @@ fn error_feedback_lowers_the_error_of_narrow_weights() {
             }
             errors.push(ort_error(&model, &out, &calib, op));
         }
-        assert!(
-            errors[1] < errors[0],
-            "{name}: gptq's relative RMS error {:.4} against nearest rounding's {:.4}",
-            errors[1],
-            errors[0]
-        );
+        for (rounding, e) in ["gptq", "adaround"].iter().zip(&errors[1..]) {
+            assert!(
+                *e < errors[0],
+                "{name}: {rounding}'s relative RMS error {e:.4} against nearest rounding's {:.4}",
+                errors[0]
+            );
+        }
     }
 }
 
 /// On the classifier the oracle's loss is the KL divergence of its logits: ONNX Runtime computes the
-/// same loss on the exported model, so the guard decided on what was exported.
+/// same loss on the exported model, so the guard decided on what was exported, for both methods.
+/// (`--method mse`: with `best`, the activation choice after rounding may change the export.)
 #[test]
 fn the_guard_scores_what_is_exported() {
     let dir = tempdir();
     let model = fixture("classifier").join("model.onnx");
     let calib = fixture("classifier").join("calib.npz");
-    let out = dir.path().join("out.onnx");
-    let report = quantize_reporting(
-        &model,
-        &out,
-        &calib,
-        &["--wbits", "4", "--target", "x86-vnni"],
-    );
-    let r = &report["rounding"];
-    assert_eq!(r["kept"], true, "{r}");
-    let float = ort_outputs(&model, &calib, "disabled");
-    let quant = ort_outputs(&out, &calib, "disabled");
-    let kl = mean_kl(&float[0], &quant[0], 10);
-    let scored = r["gptq_loss"].as_f64().unwrap();
-    assert!(
-        (kl - scored).abs() <= 0.05 * scored,
-        "ONNX Runtime {kl} vs the oracle's {scored}"
-    );
+    for rounding in ["gptq", "adaround"] {
+        let out = dir.path().join(format!("{rounding}.onnx"));
+        let report = quantize_reporting(
+            &model,
+            &out,
+            &calib,
+            &[
+                "--wbits",
+                "4",
+                "--target",
+                "x86-vnni",
+                "--method",
+                "mse",
+                "--rounding",
+                rounding,
+            ],
+        );
+        check_qdq(&model, &out, &calib, "metrics_only", "Conv");
+        let r = &report["rounding"];
+        assert_eq!(r["kept"], true, "{rounding}: {r}");
+        let float = ort_outputs(&model, &calib, "disabled");
+        let quant = ort_outputs(&out, &calib, "disabled");
+        let kl = mean_kl(&float[0], &quant[0], 10);
+        let scored = r["rounded_loss"].as_f64().unwrap();
+        assert!(
+            (kl - scored).abs() <= 0.05 * scored,
+            "{rounding}: ONNX Runtime {kl} vs the oracle's {scored}"
+        );
+    }
 }
 
 /// The default target keeps paired weights on 7 bits: those are the ones error feedback scores;
@@ -110,7 +135,7 @@ fn default_run_scores_error_feedback_on_the_seven_bit_weights_only() {
     let r = &report["rounding"];
     // expand and project are 7-bit on portable; the depthwise Conv keeps 8 bits.
     assert_eq!(r["weights"], 2, "{r}");
-    let kept = r["gptq_loss"].as_f64() <= r["nearest_loss"].as_f64();
+    let kept = r["rounded_loss"].as_f64() <= r["nearest_loss"].as_f64();
     assert_eq!(r["kept"], kept, "{r}");
     assert_eq!(report["weights_rounded"], if kept { 2 } else { 0 });
     let out8 = dir.path().join("vnni.onnx");
