@@ -154,6 +154,47 @@ pub fn page(report: &Report) -> Result<String> {
         );
     }
 
+    if let Some(r) = &report.rounding {
+        body += &format!(
+            "<h2>Rounding ({})</h2><p>Network loss {:.4e} with the optimised codes against {:.4e} \
+             with nearest rounding on {} samples: {}. Per layer, its output error with the \
+             optimised codes as a fraction of nearest rounding's (numbers are rows of the table).</p>",
+            esc(&format!("{:?}", r.method).to_lowercase()),
+            r.rounded_loss,
+            r.nearest_loss,
+            r.samples,
+            if r.kept {
+                "kept"
+            } else {
+                "nearest rounding kept"
+            }
+        );
+        let ratio = |l: &crate::quantize::rounding::LayerRounding| {
+            if l.nearest_error > 0.0 {
+                l.error / l.nearest_error
+            } else {
+                1.0
+            }
+        };
+        body += &bars(
+            "error / nearest's",
+            &r.layers.iter().map(ratio).collect::<Vec<_>>(),
+        )?;
+        body += &table(
+            &["#", "weight", "nearest error", "error", "steps", "seconds"],
+            r.layers.iter().enumerate().map(|(k, l)| {
+                vec![
+                    (k + 1).to_string(),
+                    l.weight.clone(),
+                    format!("{:.4e}", l.nearest_error),
+                    format!("{:.4e}", l.error),
+                    l.iterations.to_string(),
+                    format!("{:.2}", l.seconds),
+                ]
+            }),
+        );
+    }
+
     body += "<h2>Nodes left in float by the plan</h2>";
     if report.skipped.is_empty() {
         body += "<p>None.</p>";

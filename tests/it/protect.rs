@@ -186,8 +186,8 @@ fn bad_targets_are_refused() {
     }
 }
 
-/// The HTML report is one self-contained page: four SVG plots (sensitivity, p grid, Powell, fusion)
-/// that parse as XML, no external resources, and the costliest site named in its table.
+/// The HTML report is one self-contained page: five SVG plots (sensitivity, p grid, Powell, fusion,
+/// rounding) that parse as XML, no external resources, and the costliest site named in its table.
 #[test]
 fn html_report_is_self_contained_with_every_plot() {
     let (model, calib) = model();
@@ -230,9 +230,15 @@ fn html_report_is_self_contained_with_every_plot() {
         .split_whitespace()
         .map(|x| x.parse().unwrap())
         .collect();
-    assert_eq!(v[0], 4, "plots: {stats}");
+    // Sensitivity, LAPQ's p grid and Powell's progress, fusion, rounding.
+    assert_eq!(v[0], 5, "plots: {stats}");
     assert_eq!(v[1], 0, "external resources: {stats}");
     let page = std::fs::read_to_string(&html).unwrap();
     assert!(page.contains(&costliest), "{costliest} missing");
     assert!(page.contains("run on integers"), "fusion summary missing");
+    let first = r["rounding"]["layers"][0]["weight"].as_str().unwrap();
+    assert!(
+        page.contains("Rounding (gptq)") && page.contains(first),
+        "rounding section or its layer {first} missing"
+    );
 }
