@@ -265,3 +265,40 @@ fn a_concat_into_a_graph_output_stays_float_so_its_inputs_keep_their_scales() {
     );
     check_qdq(&path, &out, &calib, "w8a8", "Conv");
 }
+
+/// Nodes named like the initializers they read (a Gemm called `fc1.bias`, a MatMul called
+/// `fc.weight`, as some exporters write): tract then has a node and a constant of one name, and
+/// every method still finds the reader, including LAPQ's and rounding's oracle sites for weights
+/// and biases.
+#[test]
+fn nodes_named_like_their_initializers_quantize_with_every_method() {
+    let dir = tempdir();
+    for (name, renames, op) in [
+        ("gemm", "fc1=fc1.bias,fc2=fc2.weight", "Gemm"),
+        ("matmul", "matmul1=fc.weight", "MatMul"),
+    ] {
+        let model = dir.path().join(format!("{name}.onnx"));
+        crate::py_output(
+            "import sys, onnx\n\
+             m = onnx.load(sys.argv[1])\n\
+             renames = dict(r.split('=') for r in sys.argv[3].split(','))\n\
+             for n in m.graph.node:\n    n.name = renames.get(n.name, n.name)\n\
+             onnx.save(m, sys.argv[2])",
+            &[
+                &fixture(name).join("model.onnx"),
+                &model,
+                std::path::Path::new(renames),
+            ],
+        );
+        let calib = fixture(name).join("calib.npz");
+        for args in [
+            &["--method", "best"][..],
+            &["--method", "lapq", "--wbits", "4", "--max-iters", "1"],
+            &["--wbits", "4", "--rounding", "adaround", "--sensitivity"],
+        ] {
+            let out = dir.path().join(format!("{name}.q.onnx"));
+            quantize_reporting(&model, &out, &calib, args);
+            check_qdq(&model, &out, &calib, "metrics_only", op);
+        }
+    }
+}
