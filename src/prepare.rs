@@ -7,6 +7,9 @@
 //!   has no integer BatchNormalization, and a Conv followed by a float BatchNormalization cannot fuse.
 //! - With calibration ranges (`smooth`): a normalisation output's outlier channels move into the
 //!   MatMul weights that read it (SmoothQuant).
+//! - A node whose name is already taken (by an initializer, a graph input or an earlier node) gets
+//!   the first free name `{name}_{n}`: tract names its nodes and constants alike and refuses
+//!   duplicates, and every later stage finds nodes by name.
 
 use std::collections::HashSet;
 
@@ -28,6 +31,7 @@ pub fn prepare(model: &mut ModelProto) -> Result<Vec<Merged>> {
     let Some(graph) = model.graph.as_mut() else {
         return Ok(vec![]);
     };
+    unique_node_names(graph);
     let mut merged = vec![];
     let mut i = 0;
     while i < graph.node.len() {
@@ -37,6 +41,33 @@ pub fn prepare(model: &mut ModelProto) -> Result<Vec<Merged>> {
         }
     }
     Ok(merged)
+}
+
+/// Renames every node whose name an initializer, a graph input or an earlier node already has.
+fn unique_node_names(graph: &mut onnx::GraphProto) {
+    let mut taken: HashSet<String> = graph
+        .initializer
+        .iter()
+        .map(|t| t.name().to_string())
+        .chain(graph.input.iter().map(|i| i.name().to_string()))
+        .collect();
+    let all: HashSet<String> = graph.node.iter().map(|n| n.name().to_string()).collect();
+    for node in &mut graph.node {
+        let name = node.name().to_string();
+        if name.is_empty() {
+            continue;
+        }
+        if taken.contains(&name) {
+            let free = (1..)
+                .map(|n| format!("{name}_{n}"))
+                .find(|c| !taken.contains(c) && !all.contains(c))
+                .unwrap_or_default();
+            node.name = Some(free.clone());
+            taken.insert(free);
+        } else {
+            taken.insert(name);
+        }
+    }
 }
 
 /// Folds the BatchNormalization at `bn` into the Conv that produces its input, when that is exact:

@@ -267,9 +267,10 @@ fn a_concat_into_a_graph_output_stays_float_so_its_inputs_keep_their_scales() {
 }
 
 /// Nodes named like the initializers they read (a Gemm called `fc1.bias`, a MatMul called
-/// `fc.weight`, as some exporters write): tract then has a node and a constant of one name, and
-/// every method still finds the reader, including LAPQ's and rounding's oracle sites for weights
-/// and biases.
+/// `fc.weight`, as some exporters write): tract refuses a node and a constant of one name, so the
+/// node is renamed `{name}_1`, and every method still finds the reader, including LAPQ's and
+/// rounding's oracle sites for weights and biases. The export's node names are unique and none is
+/// an initializer's.
 #[test]
 fn nodes_named_like_their_initializers_quantize_with_every_method() {
     let dir = tempdir();
@@ -299,6 +300,19 @@ fn nodes_named_like_their_initializers_quantize_with_every_method() {
             let out = dir.path().join(format!("{name}.q.onnx"));
             quantize_reporting(&model, &out, &calib, args);
             check_qdq(&model, &out, &calib, "metrics_only", op);
+            let clashes = crate::py_output(
+                "import sys, onnx\n\
+                 g = onnx.load(sys.argv[1]).graph\n\
+                 names = [n.name for n in g.node]\n\
+                 inits = {t.name for t in g.initializer}\n\
+                 print(len(names) - len(set(names)), sum(n in inits for n in names))",
+                &[&out],
+            );
+            assert_eq!(
+                clashes.trim(),
+                "0 0",
+                "{name} {args:?}: duplicate, initializer-named"
+            );
         }
     }
 }
