@@ -38,10 +38,7 @@ ROUNDINGS = ("nearest", "gptq", "adaround")
 
 
 def top1(path, data, level):
-    so = ort.SessionOptions()
-    so.graph_optimization_level = level
-    so.intra_op_num_threads = 1
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    sess = ortcheck.session(path, level, threads=1)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: data[name][i:i + 1]})[0]
                            for i in range(len(data[name]))]).argmax(axis=1)

@@ -55,6 +55,17 @@ pub enum Rounding {
     Adaround,
 }
 
+impl Rounding {
+    /// The name `--rounding` takes and the report writes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rounding::Nearest => "nearest",
+            Rounding::Gptq => "gptq",
+            Rounding::Adaround => "adaround",
+        }
+    }
+}
+
 /// How codes of grids narrower than 8 bits are stored.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

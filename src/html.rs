@@ -159,7 +159,7 @@ pub fn page(report: &Report) -> Result<String> {
             "<h2>Rounding ({})</h2><p>Network loss {:.4e} with the optimised codes against {:.4e} \
              with nearest rounding on {} samples: {}. Per layer, its output error with the \
              optimised codes as a fraction of nearest rounding's (numbers are rows of the table).</p>",
-            esc(&format!("{:?}", r.method).to_lowercase()),
+            r.method.name(),
             r.rounded_loss,
             r.nearest_loss,
             r.samples,

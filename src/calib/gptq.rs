@@ -223,7 +223,7 @@ pub fn feedback_rounding(
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let (k, per_group) = gram.layout(w.len(), scales, zero_points)?;
     let factors: Vec<Vec<f64>> = (0..gram.groups)
-        .map(|g| feedback_factor(&gram.normalised(g, 0.0)?, k))
+        .map(|g| feedback_factor(&gram.normalised(g, DAMPING)?, k))
         .collect::<Result<_>>()?;
     let rows: Vec<(usize, &[f32])> = w.chunks(k).enumerate().collect();
     let rounded = super::par_map(&rows, |(r, row)| {
@@ -259,14 +259,21 @@ impl WindowGram {
         scales: &[f32],
         zero_points: &[i64],
     ) -> Result<(usize, usize)> {
-        let k = self.k;
+        let (k, per_group) = self.rows_per_group(values)?;
         ensure!(
-            k > 0
-                && values.is_multiple_of(k)
-                && values / k == scales.len()
-                && scales.len() == zero_points.len(),
+            values / k == scales.len() && scales.len() == zero_points.len(),
             "{values} weights, {} scales for rows of {k} columns",
             scales.len()
+        );
+        Ok((k, per_group))
+    }
+
+    /// The columns per row and the rows per group of `values` weights.
+    fn rows_per_group(&self, values: usize) -> Result<(usize, usize)> {
+        let k = self.k;
+        ensure!(
+            k > 0 && values.is_multiple_of(k),
+            "{values} weights for rows of {k} columns"
         );
         let rows = values / k;
         ensure!(
@@ -275,6 +282,27 @@ impl WindowGram {
             self.groups
         );
         Ok((k, rows / self.groups))
+    }
+
+    /// The output error `sum_r d_r H d_r^T` of rows `values` against rows `w` (rows split evenly
+    /// among the groups, in order).
+    pub fn output_error(&self, w: &[f32], values: &[f32]) -> Result<f64> {
+        ensure!(
+            w.len() == values.len(),
+            "{} values for {} weights",
+            values.len(),
+            w.len()
+        );
+        let (k, per_group) = self.rows_per_group(w.len())?;
+        let mut total = 0.0;
+        for g in 0..self.groups {
+            let h: Vec<f32> = self.normalised(g, 0.0)?.iter().map(|&v| v as f32).collect();
+            let span = g * per_group * k..(g + 1) * per_group * k;
+            total += row_errors(&w[span.clone()], &values[span], &h, k)
+                .iter()
+                .sum::<f64>();
+        }
+        Ok(total)
     }
 
     /// Group `g`'s mean `E[x x^T]` (`k x k`, row-major), with `damping` times its mean diagonal
@@ -332,46 +360,14 @@ pub(super) fn row_errors(w: &[f32], values: &[f32], h: &[f32], k: usize) -> Vec<
         .collect()
 }
 
-impl WindowGram {
-    /// The output error `sum_r d_r H d_r^T` of rows `values` against rows `w` (rows split evenly
-    /// among the groups, in order).
-    pub fn output_error(&self, w: &[f32], values: &[f32]) -> Result<f64> {
-        ensure!(
-            w.len() == values.len(),
-            "{} values for {} weights",
-            values.len(),
-            w.len()
-        );
-        let k = self.k;
-        let rows = w.len() / k.max(1);
-        ensure!(
-            k > 0 && self.groups > 0 && rows * k == w.len() && rows.is_multiple_of(self.groups),
-            "{} weights for rows of {k} columns in {} groups",
-            w.len(),
-            self.groups
-        );
-        let per_group = rows / self.groups;
-        let mut total = 0.0;
-        for g in 0..self.groups {
-            let h: Vec<f32> = self.normalised(g, 0.0)?.iter().map(|&v| v as f32).collect();
-            let span = g * per_group * k..(g + 1) * per_group * k;
-            total += row_errors(&w[span.clone()], &values[span], &h, k)
-                .iter()
-                .sum::<f64>();
-        }
-        Ok(total)
-    }
-}
-
-/// The upper Cholesky factor `U` of `(H + damping)^-1` (`H^-1 = U^T U`), row-major, for one
-/// group's undamped mean Gram `h`; dead columns (zero diagonal) get a unit diagonal and no coupling.
+/// The upper Cholesky factor `U` of `H^-1` (`H^-1 = U^T U`), row-major, for one group's damped
+/// mean Gram `h` ([`WindowGram::normalised`]); dead columns (zero diagonal) get a unit diagonal and
+/// no coupling.
 fn feedback_factor(h: &[f64], k: usize) -> Result<Vec<f64>> {
     let live: Vec<bool> = (0..k).map(|i| h[i * k + i] > 0.0).collect();
-    let mean = (0..k).map(|i| h[i * k + i]).sum::<f64>() / k as f64;
-    let damp = DAMPING * if mean > 0.0 { mean } else { 1.0 };
     let h = Mat::from_fn(k, k, |i, j| {
         if live[i] && live[j] {
-            h[i * k + j] + if i == j { damp } else { 0.0 }
+            h[i * k + j]
         } else if i == j {
             1.0
         } else {

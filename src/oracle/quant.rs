@@ -196,18 +196,6 @@ impl Rendezvous {
     }
 }
 
-/// Where ONNX node `node` reads its input `k` in tract's graph. tract names nodes and initializers
-/// alike, so a node named like a constant (a MatMul called `fc.weight` reading `fc.weight`) shares
-/// its name: the reader is the node of that name that has an input `k`.
-fn reader_inlet(model: &InferenceModel, node: &str, k: usize) -> Result<InletId> {
-    model
-        .nodes()
-        .iter()
-        .find(|n| n.name == node && n.inputs.len() > k)
-        .map(|n| InletId::new(n.id, k))
-        .with_context(|| format!("node '{node}' not in tract's graph"))
-}
-
 #[derive(Clone, Debug)]
 struct FakeQuant {
     slot: usize,
@@ -605,7 +593,12 @@ impl QuantModel {
                         .get(w)
                         .map_or(&[][..], Vec::as_slice)
                         .iter()
-                        .map(|(node, k)| reader_inlet(&model, node, *k))
+                        .map(|(node, k)| {
+                            let id = model
+                                .node_id_by_name(node)
+                                .with_context(|| format!("node '{node}' not in tract's graph"))?;
+                            Ok(InletId::new(id, *k))
+                        })
                         .collect::<Result<Vec<_>>>()?;
                     let first = inlets
                         .first()
@@ -640,7 +633,9 @@ impl QuantModel {
         }
         let first_bias = sites.activations.len() + sites.weights.len();
         for (k, b) in sites.biases.iter().enumerate() {
-            let node = reader_inlet(&model, &b.node, b.slot)?.node;
+            let node = model
+                .node_id_by_name(&b.node)
+                .with_context(|| format!("node '{}' not in tract's graph", b.node))?;
             let source = *model
                 .node(node)
                 .inputs

@@ -45,7 +45,7 @@ pub struct LayerRounding {
 }
 
 /// The layer whose input decides weight site `k`'s codes, and how the weight meets that input, when
-/// they are chosen by error feedback: GPTQ rounding configured, the weight below 8 bits and read
+/// they are optimised: a rounding other than nearest configured, the weight below 8 bits and read
 /// by one node only, as the weight of a Gemm, a Conv (grouped or not) or a MatMul (2-D, input B).
 pub fn eligible(
     index: &GraphIndex,
@@ -234,7 +234,12 @@ fn round_weight(
     } else {
         w.to_vec()
     };
-    let (rounded, nearest_error, error, iterations) = match method {
+    let nearest: Vec<f32> = as_rows
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| p.grid.fake_quant(v, scales[i / k], zero_points[i / k]))
+        .collect();
+    let (rounded, error, iterations) = match method {
         Rounding::Adaround => {
             let iterations = crate::calib::adaround::ITERATIONS;
             // Around GPTQ's compensated values, with GPTQ's rounding for the rows it does better.
@@ -255,21 +260,16 @@ fn round_weight(
                 &zero_points,
                 iterations,
             )?;
-            (r.values, r.nearest_error, r.error, iterations)
+            (r.values, r.error, iterations)
         }
         _ => {
             let values =
                 crate::calib::gptq::round_rows(&as_rows, gram, p.grid, &scales, &zero_points)?;
-            let nearest: Vec<f32> = as_rows
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| p.grid.fake_quant(v, scales[i / k], zero_points[i / k]))
-                .collect();
-            let nearest_error = gram.output_error(&as_rows, &nearest)?;
             let error = gram.output_error(&as_rows, &values)?;
-            (values, nearest_error, error, 0)
+            (values, error, 0)
         }
     };
+    let nearest_error = gram.output_error(&as_rows, &nearest)?;
     let values = if transposed {
         (0..rows * k)
             .map(|i| rounded[(i % rows) * k + i / rows])
