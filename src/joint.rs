@@ -317,7 +317,7 @@ fn lp_init(
             RangeSource::Fixed(..) => return None,
         };
         decided.insert(slot, p.clone());
-        Some(p)
+        Some(crate::oracle::Update::params(p))
     });
     let after = oracle.calibrate_sequentially(&with_weights, 64, observer)?;
     if let Some(e) = failed.lock().map_err(|_| anyhow!("poisoned"))?.take() {

@@ -5,7 +5,9 @@
 
 mod quant;
 
-pub use quant::{BiasSite, Observer, QuantModel, SampleOutputs, Sites, Tail};
+pub use quant::{
+    BiasSite, Observer, PairedObserver, QuantModel, SampleOutputs, Sites, Tail, Update,
+};
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -486,6 +488,22 @@ impl Oracle {
         }
         total / rows.max(1) as f64
     }
+}
+
+/// The paired pass of [`QuantModel::calibrate_paired`] over `samples` (on all cores), for the
+/// model at `path` with `sites`: the quantized network and the float network, each loaded here.
+pub fn calibrate_paired(
+    path: &std::path::Path,
+    sites: &Sites,
+    params: &crate::calib::Params,
+    samples: &[Sample],
+    paired: &[bool],
+    observer: std::sync::Arc<PairedObserver>,
+) -> Result<crate::calib::Params> {
+    let quantized = QuantModel::load(path, sites)?;
+    let float = QuantModel::load(path, sites)?;
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    quantized.calibrate_paired(&float, params, samples, paired, observer, cores)
 }
 
 /// Parameters that leave every site unchanged (used while the fake quantization is disabled).

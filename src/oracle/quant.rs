@@ -52,6 +52,9 @@ pub struct Sites {
 /// The parameter table read by every fake-quantization op.
 struct Table {
     enabled: AtomicBool,
+    /// While fake quantization is off, activation sites still show their input to the observer
+    /// (the float side of a paired pass).
+    observe_disabled: AtomicBool,
     /// Slots that pass their input through (all quantize when empty).
     float: RwLock<Vec<bool>>,
     activations: usize,
@@ -104,8 +107,33 @@ impl std::fmt::Debug for Table {
     }
 }
 
-/// Sees an activation site's input (slot, values, shape) and may return new parameters for it.
-pub type Observer = dyn Fn(usize, &[f32], &[usize]) -> Option<QParams> + Send + Sync;
+/// Sees an activation site's input (slot, values, shape) and may change parameters from there on.
+pub type Observer = dyn Fn(usize, &[f32], &[usize]) -> Option<Update> + Send + Sync;
+
+/// Sees an activation site's input from the quantized network and the float network's value of the
+/// same tensor (slot, quantized side, float side, shape), both before the site's own quantization.
+pub type PairedObserver = dyn Fn(usize, &[f32], &[f32], &[usize]) -> Option<Update> + Send + Sync;
+
+/// What an observer changes when it has seen a site: the site's own parameters, and the values of
+/// weights and biases (by site index) that the network reads downstream of it.
+#[derive(Clone, Debug, Default)]
+pub struct Update {
+    pub activation: Option<QParams>,
+    /// Weight values as `Params::weight_values` holds them.
+    pub weights: Vec<(usize, Arc<[f32]>)>,
+    /// Bias values as `Params::bias_values` holds them.
+    pub biases: Vec<(usize, Vec<f32>)>,
+}
+
+impl Update {
+    /// New parameters for the site alone.
+    pub fn params(p: QParams) -> Update {
+        Update {
+            activation: Some(p),
+            ..Update::default()
+        }
+    }
+}
 
 thread_local! {
     /// Which part of a parallel sequential calibration this thread runs.
@@ -130,7 +158,7 @@ struct Meetings {
 #[derive(Default)]
 struct Meeting {
     parts: std::collections::BTreeMap<usize, (Vec<f32>, Vec<usize>)>,
-    answer: Option<Option<QParams>>,
+    answer: Option<Option<Update>>,
     taken: usize,
 }
 
@@ -147,7 +175,7 @@ impl Rendezvous {
         }
     }
 
-    fn meet(&self, slot: usize, data: &[f32], dims: &[usize]) -> Option<QParams> {
+    fn meet(&self, slot: usize, data: &[f32], dims: &[usize]) -> Option<Update> {
         if self.single {
             return (self.inner)(slot, data, dims);
         }
@@ -270,14 +298,28 @@ impl FakeQuant {
             return Ok(());
         };
         let view = input.try_as_plain_ram()?;
-        let Some(p) = observer(self.slot, view.as_slice::<f32>()?, input.shape()) else {
+        let Some(update) = observer(self.slot, view.as_slice::<f32>()?, input.shape()) else {
             return Ok(());
         };
         let mut params = self.table.write()?;
         let params = params
             .as_mut()
             .context("quantization parameters were never set")?;
-        params.activations[self.slot] = p;
+        if let Some(p) = update.activation {
+            params.activations[self.slot] = p;
+        }
+        for (k, values) in update.weights {
+            ensure!(k < params.weights.len(), "update of weight site {k}");
+            params.weight_values.resize(params.weights.len(), None);
+            params.weight_values[k] = Some(values);
+        }
+        for (b, values) in update.biases {
+            let slot = params
+                .bias_values
+                .get_mut(b)
+                .with_context(|| format!("update of bias site {b}"))?;
+            *slot = values;
+        }
         Ok(())
     }
 
@@ -362,7 +404,16 @@ impl EvalOp for FakeQuant {
     not_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        if !self.table.enabled.load(Ordering::Relaxed) || self.table.is_float(self.slot)? {
+        if !self.table.enabled.load(Ordering::Relaxed) {
+            if self.layout_free
+                && self.table.observe_disabled.load(Ordering::Relaxed)
+                && let Some(input) = inputs.first()
+            {
+                self.observe(input)?;
+            }
+            return Ok(inputs);
+        }
+        if self.table.is_float(self.slot)? {
             return Ok(inputs);
         }
         let Some(input) = inputs.into_iter().next() else {
@@ -564,6 +615,7 @@ impl QuantModel {
         let mut model = load_onnx(path)?;
         let table = Arc::new(Table {
             enabled: AtomicBool::new(true),
+            observe_disabled: AtomicBool::new(false),
             float: RwLock::new(vec![]),
             activations: sites.activations.len(),
             weights: sites.weights.len(),
@@ -757,6 +809,100 @@ impl QuantModel {
             .read()?
             .clone()
             .context("quantization parameters were never set")
+    }
+
+    /// Runs `samples` through this network and through `float` (a second load of the same model and
+    /// sites, which runs in float) side by side, starting from `params` as
+    /// [`QuantModel::calibrate_sequentially`] does. At every activation site in `paired`, `observer`
+    /// sees the site's input on both sides over all samples, with every upstream change already
+    /// applied on the quantized side, and its update applies from there on. Returns the parameters
+    /// after the pass. The float side hands over one site's tensor at a time; sites it reaches in
+    /// another order are held until the quantized side asks for them.
+    pub fn calibrate_paired(
+        &self,
+        float: &QuantModel,
+        params: &Params,
+        samples: &[Sample],
+        paired: &[bool],
+        observer: Arc<PairedObserver>,
+        parts: usize,
+    ) -> Result<Params> {
+        type Site = (usize, Vec<f32>, Vec<usize>);
+        let (send, receive) = std::sync::mpsc::sync_channel::<Site>(1);
+        let wanted: Arc<[bool]> = paired.into();
+        let failure: Arc<Mutex<Option<String>>> = Arc::default();
+        let float_side: Arc<Observer> = {
+            let wanted = wanted.clone();
+            let send = Mutex::new(send);
+            Arc::new(move |slot: usize, data: &[f32], dims: &[usize]| {
+                if wanted.get(slot).copied().unwrap_or(false)
+                    && let Ok(send) = send.lock()
+                {
+                    // A closed channel means the quantized side has failed; it reports why.
+                    let _ = send.send((slot, data.to_vec(), dims.to_vec()));
+                }
+                None
+            })
+        };
+        let quantized_side: Arc<Observer> = {
+            let failure = failure.clone();
+            let receive = Mutex::new((receive, HashMap::<usize, Site>::new()));
+            Arc::new(move |slot: usize, data: &[f32], dims: &[usize]| {
+                if !wanted.get(slot).copied().unwrap_or(false) {
+                    return None;
+                }
+                let found = (|| -> Result<Site> {
+                    let mut guard = receive
+                        .lock()
+                        .map_err(|_| anyhow!("paired pass poisoned"))?;
+                    let (receive, held) = &mut *guard;
+                    loop {
+                        if let Some(site) = held.remove(&slot) {
+                            return Ok(site);
+                        }
+                        let site = receive
+                            .recv()
+                            .map_err(|_| anyhow!("the float network never reached site {slot}"))?;
+                        held.insert(site.0, site);
+                    }
+                })();
+                match found {
+                    Ok((_, f, fdims)) if fdims == dims => observer(slot, data, &f, dims),
+                    Ok((_, _, fdims)) => {
+                        *failure.lock().ok()? = Some(format!(
+                            "site {slot} is {dims:?} in the quantized network and {fdims:?} in float"
+                        ));
+                        None
+                    }
+                    Err(e) => {
+                        *failure.lock().ok()? = Some(format!("{e:#}"));
+                        None
+                    }
+                }
+            })
+        };
+        float.set_quantized(false);
+        float.table.observe_disabled.store(true, Ordering::SeqCst);
+        let (quantized, float_result) = std::thread::scope(|scope| {
+            let float_run = scope
+                .spawn(move || float.calibrate_sequentially(params, samples, float_side, parts));
+            let quantized = self.calibrate_sequentially(params, samples, quantized_side, parts);
+            let float_result = float_run
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("the float side panicked")));
+            (quantized, float_result)
+        });
+        float.table.observe_disabled.store(false, Ordering::SeqCst);
+        float.set_quantized(true);
+        float_result.context("the float side of the paired pass")?;
+        if let Some(e) = failure
+            .lock()
+            .map_err(|_| anyhow!("paired pass poisoned"))?
+            .take()
+        {
+            bail!("paired pass: {e}");
+        }
+        quantized
     }
 
     /// Slots (activation sites first, then weights, then biases) whose fake quantization passes its

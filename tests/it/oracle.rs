@@ -312,7 +312,9 @@ fn sequential_calibration_in_parts_matches_one_batch() {
                     .push((bits, dims.to_vec()));
                 let lo = data.iter().copied().fold(0f32, f32::min);
                 let hi = data.iter().copied().fold(0f32, f32::max);
-                lapq::calib::QParams::per_tensor(lapq::calib::Grid::U8_ASYM, lo, hi * 0.5).ok()
+                lapq::calib::QParams::per_tensor(lapq::calib::Grid::U8_ASYM, lo, hi * 0.5)
+                    .ok()
+                    .map(lapq::oracle::Update::params)
             });
             let after = model
                 .calibrate_sequentially(&c.params, &c.samples[..n], observer, parts)
@@ -341,4 +343,129 @@ fn sequential_calibration_in_parts_matches_one_batch() {
             "{name}: the observer had no effect"
         );
     }
+}
+
+/// The paired pass shows every wanted site's input on the quantized side (with upstream changes
+/// applied) and on the float side (the float network's value), and an update at a site changes
+/// what the network computes from there on, as if it had been set beforehand.
+#[test]
+fn paired_pass_shows_float_inputs_and_applies_updates_downstream() {
+    use std::collections::BTreeMap;
+    use std::sync::{Arc, Mutex};
+
+    use lapq::oracle::{QuantModel, Update};
+
+    let dir = tempdir();
+    let j = job("classifier", &dir.path().join("q.onnx"), true, 4, 4);
+    let c = lapq::calibrate(&j).unwrap();
+    let sites = lapq::oracle_sites(&c).unwrap();
+    let n = c.samples.len() / 2 * 2;
+    let samples = &c.samples[..n];
+    let slot = sites
+        .activations
+        .iter()
+        .position(|t| t == "clip_out")
+        .expect("conv2's input is an activation site");
+    let k = sites
+        .weights
+        .iter()
+        .position(|t| t == "conv2.weight")
+        .expect("conv2's weight is a site");
+    let (wt, _) = lapq::onnx::read_model(&fixture("classifier").join("model.onnx")).unwrap();
+    let w = wt
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .find(|t| t.name() == "conv2.weight")
+        .map(|t| lapq::onnx::tensor_f32(t).unwrap())
+        .unwrap();
+    let halved: Arc<[f32]> = w.iter().map(|v| v * 0.5).collect::<Vec<_>>().into();
+    let mut start = c.params.clone();
+    start.weight_values = vec![];
+    type Seen = BTreeMap<usize, (Vec<f32>, Vec<f32>)>;
+    let quantized = QuantModel::load(c.staged.path(), &sites).unwrap();
+    let float = QuantModel::load(c.staged.path(), &sites).unwrap();
+    let paired = |update: bool, parts: usize| {
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let log = seen.clone();
+        let halved = halved.clone();
+        let observer = Arc::new(move |s: usize, q: &[f32], f: &[f32], _: &[usize]| {
+            log.lock().unwrap().insert(s, (q.to_vec(), f.to_vec()));
+            (update && s == slot).then(|| Update {
+                weights: vec![(k, halved.clone())],
+                ..Update::default()
+            })
+        });
+        let wanted = vec![true; sites.activations.len()];
+        let after = quantized
+            .calibrate_paired(&float, &start, samples, &wanted, observer, parts)
+            .unwrap();
+        (std::mem::take(&mut *seen.lock().unwrap()), after)
+    };
+    let (plain, _) = paired(false, 1);
+    let (updated, after) = paired(true, 2);
+    assert_eq!(plain.len(), sites.activations.len(), "sites seen");
+    assert_eq!(
+        after.weight_values.get(k).cloned().flatten().as_deref(),
+        Some(&halved[..]),
+        "the update is in the parameters after the pass"
+    );
+    // The float side is the float network, sample by sample.
+    let taps: Vec<String> = sites.activations.clone();
+    let reference = lapq::oracle::FloatModel::load(c.staged.path(), &taps).unwrap();
+    let mut per_tap: Vec<Vec<f32>> = vec![vec![]; taps.len()];
+    for s in samples {
+        let acc = reference
+            .observe(
+                std::slice::from_ref(s),
+                Vec::new,
+                |acc: &mut Vec<(usize, Vec<f32>)>, t, _, v| acc.push((t, v.to_vec())),
+                &|| {},
+            )
+            .unwrap();
+        for (t, v) in acc.into_iter().flatten() {
+            per_tap[t].extend(v);
+        }
+    }
+    let close = |a: &[f32], b: &[f32]| {
+        let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() <= 1e-5 * scale)
+    };
+    let mut differs = false;
+    for (s, (q, f)) in &plain {
+        assert!(
+            close(f, &per_tap[*s]),
+            "site {s}: the float side is not the float network"
+        );
+        differs |= !close(q, f);
+    }
+    assert!(
+        differs,
+        "the quantized side never differs from the float side"
+    );
+    // The update changes what later sites see, exactly as the weight set beforehand does.
+    let mut preset = start.clone();
+    preset.weight_values = vec![None; preset.weights.len()];
+    preset.weight_values[k] = Some(halved.clone());
+    let seen: Arc<Mutex<BTreeMap<usize, Vec<f32>>>> = Arc::default();
+    let log = seen.clone();
+    let observer = Arc::new(move |s: usize, q: &[f32], _: &[usize]| {
+        log.lock().unwrap().insert(s, q.to_vec());
+        None
+    });
+    quantized
+        .calibrate_sequentially(&preset, samples, observer, 1)
+        .unwrap();
+    let preset_seen = std::mem::take(&mut *seen.lock().unwrap());
+    let mut changed = 0;
+    for (s, (q, _)) in &updated {
+        assert_eq!(
+            q, &preset_seen[s],
+            "site {s}: the update is not the preset weight"
+        );
+        changed += usize::from(q != &plain[s].0);
+    }
+    assert!(changed > 0, "the update changed nothing downstream");
 }
