@@ -251,6 +251,24 @@ pub fn mean_shift(
     }
 }
 
+/// Per output channel, `W E[x] - W~ E[x~]`: what keeps the float layer's output means when weights
+/// `w_hat` read the quantized network's input (window means `quantized`) in place of weights `w`
+/// on the float input (`float`).
+pub fn reconstruction_shift(
+    window: &Window,
+    wdims: &[usize],
+    w: &[f32],
+    w_hat: &[f32],
+    quantized: &WindowMeans,
+    float: &WindowMeans,
+) -> Vec<f32> {
+    let zero = vec![0f32; w.len()];
+    // `mean_shift(0, v, m)` is `-v E[m]`.
+    let wx = mean_shift(window, wdims, &zero, w, float);
+    let wx_hat = mean_shift(window, wdims, &zero, w_hat, quantized);
+    wx.iter().zip(&wx_hat).map(|(a, b)| b - a).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

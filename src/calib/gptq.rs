@@ -40,65 +40,91 @@ impl WindowStat for WindowGram {
         dims: &[usize],
         x: &[f32],
     ) -> Result<()> {
+        let windows = patches(window, kernel, dims, &[x], |g, groups, p, k| {
+            self.add(g, groups, &p[0], &p[0], k)
+        })?;
+        self.count += windows;
+        Ok(())
+    }
+}
+
+/// Extracts the input windows of a layer (the columns of its weight rows, in the weight's own
+/// layout) from each of `xs`, tensors of one shape `dims`, and hands them to `f` block by block:
+/// `f(group, groups, patches, k)` with one `rows x k` row-major matrix per tensor of `xs`, the rows
+/// of the same windows in every matrix. Returns the number of windows per group.
+pub(super) fn patches(
+    window: &Window,
+    kernel: &[usize],
+    dims: &[usize],
+    xs: &[&[f32]],
+    mut f: impl FnMut(usize, usize, &[Vec<f32>], usize) -> Result<()>,
+) -> Result<u64> {
+    for x in xs {
         ensure!(
             dims.iter().product::<usize>() == x.len(),
             "input shape {dims:?} does not match its data"
         );
-        match window {
-            Window::Dense { trans_a, .. } => {
-                // MatMul's input `[..., K]` is `[rows, K]` with its leading axes flattened.
-                ensure!(
-                    dims.len() >= 2 && (!*trans_a || dims.len() == 2),
-                    "Gemm or MatMul input of shape {dims:?}"
-                );
-                let (rows, k) = if *trans_a {
-                    (dims[1], dims[0])
-                } else {
-                    let k = dims[dims.len() - 1];
-                    (x.len() / k.max(1), k)
-                };
-                let patches: Vec<f32> = if *trans_a {
-                    (0..rows * k).map(|i| x[(i % k) * rows + i / k]).collect()
-                } else {
-                    x.to_vec()
-                };
-                self.add(0, 1, &patches, k)?;
-                self.count += rows as u64;
-                Ok(())
-            }
-            Window::Conv {
-                group,
-                strides,
-                dilations,
-                pads,
-            } => {
-                let spatial = dims.len().saturating_sub(2);
-                ensure!(
-                    (1..=2).contains(&spatial) && kernel.len() == spatial,
-                    "Conv input of shape {dims:?} with kernel {kernel:?}: 1-D and 2-D convolutions only"
-                );
-                let lift = |v: &[usize]| -> [usize; 2] {
-                    if spatial == 1 {
-                        [1, v[0]]
+    }
+    match window {
+        Window::Dense { trans_a, .. } => {
+            // MatMul's input `[..., K]` is `[rows, K]` with its leading axes flattened.
+            ensure!(
+                dims.len() >= 2 && (!*trans_a || dims.len() == 2),
+                "Gemm or MatMul input of shape {dims:?}"
+            );
+            let (rows, k) = if *trans_a {
+                (dims[1], dims[0])
+            } else {
+                let k = dims[dims.len() - 1];
+                (dims.iter().product::<usize>() / k.max(1), k)
+            };
+            let blocks: Vec<Vec<f32>> = xs
+                .iter()
+                .map(|x| {
+                    if *trans_a {
+                        (0..rows * k).map(|i| x[(i % k) * rows + i / k]).collect()
                     } else {
-                        [v[0], v[1]]
+                        x.to_vec()
                     }
-                };
-                let (n, c) = (dims[0], dims[1]);
-                ensure!(
-                    *group > 0 && c.is_multiple_of(*group),
-                    "Conv input of {c} channels in {group} groups"
-                );
-                let (groups, c) = (*group, c / *group);
-                let [h, w] = lift(&dims[2..]);
-                let [kh, kw] = lift(kernel);
-                let (s, d) = (lift(strides), lift(dilations));
-                let (begin, [oh, ow]) = geometry(pads, [h, w], [kh, kw], s, d, spatial);
-                let (taps, positions) = (kh * kw, oh * ow);
-                let k = c * taps;
-                let mut patches = vec![0f32; positions * k];
-                for img in 0..n {
-                    for g in 0..groups {
+                })
+                .collect();
+            f(0, 1, &blocks, k)?;
+            Ok(rows as u64)
+        }
+        Window::Conv {
+            group,
+            strides,
+            dilations,
+            pads,
+        } => {
+            let spatial = dims.len().saturating_sub(2);
+            ensure!(
+                (1..=2).contains(&spatial) && kernel.len() == spatial,
+                "Conv input of shape {dims:?} with kernel {kernel:?}: 1-D and 2-D convolutions only"
+            );
+            let lift = |v: &[usize]| -> [usize; 2] {
+                if spatial == 1 {
+                    [1, v[0]]
+                } else {
+                    [v[0], v[1]]
+                }
+            };
+            let (n, c) = (dims[0], dims[1]);
+            ensure!(
+                *group > 0 && c.is_multiple_of(*group),
+                "Conv input of {c} channels in {group} groups"
+            );
+            let (groups, c) = (*group, c / *group);
+            let [h, w] = lift(&dims[2..]);
+            let [kh, kw] = lift(kernel);
+            let (s, d) = (lift(strides), lift(dilations));
+            let (begin, [oh, ow]) = geometry(pads, [h, w], [kh, kw], s, d, spatial);
+            let (taps, positions) = (kh * kw, oh * ow);
+            let k = c * taps;
+            let mut blocks = vec![vec![0f32; positions * k]; xs.len()];
+            for img in 0..n {
+                for g in 0..groups {
+                    for (x, patches) in xs.iter().zip(blocks.iter_mut()) {
                         patches.fill(0.0);
                         for ch in 0..c {
                             let plane = &x[((img * groups + g) * c + ch) * h * w..][..h * w];
@@ -125,50 +151,36 @@ impl WindowStat for WindowGram {
                                 }
                             }
                         }
-                        self.add(g, groups, &patches, k)?;
                     }
-                    self.count += positions as u64;
+                    f(g, groups, &blocks, k)?;
                 }
-                Ok(())
             }
+            Ok((n * positions) as u64)
         }
     }
 }
 
 impl WindowGram {
-    /// Adds `P^T P` to group `g`'s sum, for `patches` `P` (`rows x k`, row-major); the caller counts
-    /// the windows.
-    fn add(&mut self, g: usize, groups: usize, patches: &[f32], k: usize) -> Result<()> {
+    /// Adds `A^T B` to group `g`'s sum, for `patches` `A` and `B` (`rows x k`, row-major, the same
+    /// windows); the caller counts the windows.
+    pub(super) fn add(
+        &mut self,
+        g: usize,
+        groups: usize,
+        a: &[f32],
+        b: &[f32],
+        k: usize,
+    ) -> Result<()> {
         if self.k == 0 {
             (self.k, self.groups, self.sums) = (k, groups, vec![0.0; groups * k * k]);
         }
         ensure!(
-            self.k == k && self.groups == groups,
+            self.k == k && self.groups == groups && a.len() == b.len(),
             "input windows of {k} values in {groups} groups after windows of {} in {}",
             self.k,
             self.groups
         );
-        let rows = patches.len() / k.max(1);
-        let mut gram = vec![0f32; k * k];
-        // SAFETY: `patches` holds `rows x k` values and `gram` `k x k`, with the strides given.
-        unsafe {
-            matrixmultiply::sgemm(
-                k,
-                rows,
-                k,
-                1.0,
-                patches.as_ptr(),
-                1,
-                k as isize,
-                patches.as_ptr(),
-                k as isize,
-                1,
-                0.0,
-                gram.as_mut_ptr(),
-                k as isize,
-                1,
-            );
-        }
+        let gram = transposed_product(a, b, k);
         for (s, v) in self.sums[g * k * k..][..k * k].iter_mut().zip(&gram) {
             *s += *v as f64;
         }
@@ -269,7 +281,7 @@ impl WindowGram {
     }
 
     /// The columns per row and the rows per group of `values` weights.
-    fn rows_per_group(&self, values: usize) -> Result<(usize, usize)> {
+    pub(super) fn rows_per_group(&self, values: usize) -> Result<(usize, usize)> {
         let k = self.k;
         ensure!(
             k > 0 && values.is_multiple_of(k),
@@ -323,6 +335,32 @@ impl WindowGram {
         }
         Ok(h)
     }
+}
+
+/// `A^T B` (`k x k`, row-major) for `a` and `b` (`rows x k`, row-major).
+pub(super) fn transposed_product(a: &[f32], b: &[f32], k: usize) -> Vec<f32> {
+    let rows = a.len() / k.max(1);
+    let mut out = vec![0f32; k * k];
+    // SAFETY: `a` and `b` hold `rows x k` values and `out` `k x k`, with the strides given.
+    unsafe {
+        matrixmultiply::sgemm(
+            k,
+            rows,
+            k,
+            1.0,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            out.as_mut_ptr(),
+            k as isize,
+            1,
+        );
+    }
+    out
 }
 
 /// `out = d h` for `d` (`n x k`) and symmetric `h` (`k x k`), all row-major.

@@ -11,6 +11,7 @@ mod hist;
 mod loss;
 mod pfit;
 mod powell;
+pub mod reconstruct;
 pub mod search;
 pub mod smooth;
 mod stats;
