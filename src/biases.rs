@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, anyhow, ensure};
 
-use crate::calib::bias::{Window, WindowMeans, mean_shift};
+use crate::calib::bias::{Window, WindowMeans, mean_shift, reconstruction_shift};
 use crate::calib::{self, Params, QParams};
 use crate::ir::{GraphIndex, QuantPlan};
 use crate::onnx;
@@ -18,6 +18,27 @@ struct Correction {
     wdims: Vec<usize>,
     weights: Vec<f32>,
     means: WindowMeans,
+    /// With rounding for the quantized network's input (`calib::reconstruct`): the window means of
+    /// the layer's input on the quantized and on the float side. The corrected bias then keeps the
+    /// float output's mean, `b + W E[x] - W~ E[x~]`.
+    reconstructed: Option<(WindowMeans, WindowMeans)>,
+}
+
+impl Correction {
+    /// The shift of the layer's output means that quantized weights `w_hat` cause.
+    fn shift(&self, w_hat: &[f32]) -> Vec<f32> {
+        match &self.reconstructed {
+            None => mean_shift(&self.window, &self.wdims, &self.weights, w_hat, &self.means),
+            Some((quantized, float)) => reconstruction_shift(
+                &self.window,
+                &self.wdims,
+                &self.weights,
+                w_hat,
+                quantized,
+                float,
+            ),
+        }
+    }
 }
 
 /// Bias values of every bias site, decoded once per run, and the corrections of the layers that get
@@ -69,6 +90,7 @@ impl Biases {
                         wdims: onnx::tensor_dims(wt)?,
                         weights: onnx::tensor_f32(wt)?,
                         means: m.clone(),
+                        reconstructed: None,
                     })
                 }
                 _ => None,
@@ -80,6 +102,33 @@ impl Biases {
             values,
             corrections,
         })
+    }
+
+    /// The layer of bias site `b` rounds for its input in the quantized network, whose window means
+    /// are `quantized` (and `float` on the float side): its bias corrects for those means wherever
+    /// the weight has chosen values. No-op for a site without correction.
+    pub(crate) fn set_reconstructed(
+        &mut self,
+        b: usize,
+        quantized: WindowMeans,
+        float: WindowMeans,
+    ) {
+        if let Some(Some(c)) = self.corrections.get_mut(b) {
+            c.reconstructed = Some((quantized, float));
+        }
+    }
+
+    /// Back to corrections for the float input everywhere.
+    pub(crate) fn clear_reconstructed(&mut self) {
+        for c in self.corrections.iter_mut().flatten() {
+            c.reconstructed = None;
+        }
+    }
+
+    /// Bias site `b`'s float value (times Gemm's beta) when its layer's bias is corrected.
+    pub(crate) fn corrected_value(&self, b: usize) -> Option<&[f32]> {
+        self.corrections.get(b)?.as_ref()?;
+        self.values.get(b).map(Vec::as_slice)
     }
 
     /// Completes activation and weight parameters with the corrected float biases and their int32
@@ -154,7 +203,7 @@ impl Biases {
                 (_, Some(values)) => {
                     let mut w_hat = values.to_vec();
                     p.fake_quant_in_place(&mut w_hat, &c.wdims);
-                    mean_shift(&c.window, &c.wdims, &c.weights, &w_hat, &c.means)
+                    c.shift(&w_hat)
                 }
                 (Some((cached, shift)), None) if cached == p => shift.clone(),
                 _ => {

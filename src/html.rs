@@ -158,7 +158,9 @@ pub fn page(report: &Report) -> Result<String> {
         body += &format!(
             "<h2>Rounding ({})</h2><p>Network loss {:.4e} with the optimised codes against {:.4e} \
              with nearest rounding on {} samples: {}. Per layer, its output error with the \
-             optimised codes as a fraction of nearest rounding's (numbers are rows of the table).</p>",
+             optimised codes as a fraction of nearest rounding's (numbers are rows of the table); a \
+             layer whose input is the quantized network's is measured against the float layer's \
+             output on the float input.</p>",
             r.method.name(),
             r.rounded_loss,
             r.nearest_loss,
@@ -181,11 +183,25 @@ pub fn page(report: &Report) -> Result<String> {
             &r.layers.iter().map(ratio).collect::<Vec<_>>(),
         )?;
         body += &table(
-            &["#", "weight", "nearest error", "error", "steps", "seconds"],
+            &[
+                "#",
+                "weight",
+                "input",
+                "nearest error",
+                "error",
+                "steps",
+                "seconds",
+            ],
             r.layers.iter().enumerate().map(|(k, l)| {
                 vec![
                     (k + 1).to_string(),
                     l.weight.clone(),
+                    if l.reconstructed {
+                        "quantized network"
+                    } else {
+                        "float"
+                    }
+                    .to_string(),
                     format!("{:.4e}", l.nearest_error),
                     format!("{:.4e}", l.error),
                     l.iterations.to_string(),

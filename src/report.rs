@@ -227,9 +227,10 @@ impl Report {
             ));
         }
         if let Some(r) = &self.rounding {
+            let reconstructed = r.layers.iter().filter(|l| l.reconstructed).count();
             s.push_str(&format!(
-                "\n  rounding: {} on {} weights: loss {:.3e} against {:.3e} with nearest \
-                 rounding on {} samples; {}",
+                "\n  rounding: {} on {} weights ({reconstructed} for their input in the quantized \
+                 network): loss {:.3e} against {:.3e} with nearest rounding on {} samples; {}",
                 match r.method {
                     crate::config::Rounding::Adaround => "AdaRound",
                     _ => "error feedback (GPTQ)",
@@ -238,7 +239,9 @@ impl Report {
                 r.rounded_loss,
                 r.nearest_loss,
                 r.samples,
-                if r.kept {
+                if r.output_means_kept {
+                    "kept, biases keeping the float output means"
+                } else if r.kept {
                     "kept"
                 } else {
                     "nearest kept (the optimised codes raised the loss)"
