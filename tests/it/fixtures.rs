@@ -75,9 +75,18 @@ fn every_fixture_with_symmetric_activations_matches_onnx_runtime() {
             .iter()
             .any(|w| w.as_str().unwrap().contains("read by several nodes"))
     };
-    // The w8a8 tier was measured with MinMax (the default mse clips: rel_rms 0.049 on one fixture).
+    // The w8a8 tier was measured with MinMax (the default mse clips: rel_rms 0.049 on one fixture)
+    // and nearest rounding of the 7-bit weights: on old_opset, reconstructed GPTQ lowers the KL loss
+    // that the guard scores (7.28e-3 -> 6.51e-3 on its 16 samples) but raises the logits' rel_rms
+    // (0.0397 -> 0.0451). Rounding is checked against ONNX Runtime in `rounding.rs`.
     let checked = check_every_fixture(
-        &["--symmetric-activations", "--method", "minmax"],
+        &[
+            "--symmetric-activations",
+            "--method",
+            "minmax",
+            "--rounding",
+            "nearest",
+        ],
         "w8a8",
         |r| !shared(r),
     );
