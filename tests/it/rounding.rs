@@ -3,6 +3,7 @@
 //! computes it.
 
 use std::path::Path;
+use std::process::Command;
 
 use crate::lapq::mean_kl;
 use crate::oracle::ort_outputs;
@@ -141,4 +142,71 @@ fn default_run_scores_error_feedback_on_the_seven_bit_weights_only() {
     let out8 = dir.path().join("vnni.onnx");
     let report = quantize_reporting(&model, &out8, &calib, &["--target", "x86-vnni"]);
     assert!(report["rounding"].is_null());
+}
+
+/// The export does not depend on the number of cores: the rounding stage's sums (paired Grams,
+/// AdaRound, error feedback) and the oracle's scores come out the same on one core
+/// (`taskset -c 0`) as on all of them.
+#[test]
+fn exports_do_not_depend_on_the_core_count() {
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    assert!(
+        cores > 1,
+        "this check needs more than one core, found {cores}"
+    );
+    let dir = tempdir();
+    for (name, op, extra) in [
+        ("classifier", "Conv", &[][..]),
+        (
+            "depthwise_conv",
+            "Conv",
+            &["--wbits", "4", "--rounding", "adaround"][..],
+        ),
+        (
+            "residual_add",
+            "Conv",
+            &["--wbits", "4", "--rounding", "gptq", "--method", "lapq"][..],
+        ),
+    ] {
+        let model = fixture(name).join("model.onnx");
+        let calib = fixture(name).join("calib.npz");
+        let all = dir.path().join(format!("{name}.all.onnx"));
+        let one = dir.path().join(format!("{name}.one.onnx"));
+        let mut args = vec![
+            "quantize".to_string(),
+            model.display().to_string(),
+            "--calib".to_string(),
+            calib.display().to_string(),
+            "--quiet".to_string(),
+            "--seed".to_string(),
+            "3".to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let run = |pin: bool, out: &Path| {
+            let mut cmd = if pin {
+                let mut c = Command::new("taskset");
+                c.args(["-c", "0", env!("CARGO_BIN_EXE_lapq")]);
+                c
+            } else {
+                Command::new(env!("CARGO_BIN_EXE_lapq"))
+            };
+            let o = cmd
+                .args(&args)
+                .args(["-o", out.to_str().unwrap()])
+                .output()
+                .expect("lapq runs");
+            assert!(
+                o.status.success(),
+                "{name} {extra:?} (one core: {pin}): {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        run(false, &all);
+        run(true, &one);
+        check_qdq(&model, &all, &calib, "metrics_only", op);
+        assert!(
+            std::fs::read(&all).unwrap() == std::fs::read(&one).unwrap(),
+            "{name} {extra:?}: the export on one core differs from the export on {cores}"
+        );
+    }
 }
