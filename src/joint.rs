@@ -10,7 +10,6 @@ use anyhow::{Context, Result, anyhow};
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use crate::Calibrated;
 use crate::biases::Biases;
 use crate::calib::{
     self, Clipping, Histogram, Objective, PFit, Params, PowellConfig, PowellResult, QParams,
@@ -19,6 +18,7 @@ use crate::config::QuantConfig;
 use crate::ir::{GraphIndex, QuantPlan, RangeSource};
 use crate::onnx;
 use crate::oracle::{Oracle, Tail};
+use crate::quantize::Calibrated;
 
 /// Values of p measured for the quadratic fit (evenly spaced in [2, 4], as the authors do).
 const P_POINTS: usize = 10;
@@ -85,13 +85,13 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
         t = Instant::now();
     };
     let n = config.lapq_samples.clamp(1, c.samples.len().max(1));
-    let oracle = crate::oracle(c, n, 1)?;
+    let oracle = crate::quantize::sites::oracle(c, n, 1)?;
     let weights = WeightValues::read(&index, &c.plan)?;
     let biases = &c.biases;
     lap("oracle", &mut seconds);
 
     let coords = coordinates(&c.plan, config);
-    let bar = crate::progress_bar(
+    let bar = crate::progress::bar(
         (P_POINTS + 2 + coords.len() * 12 * config.max_iters) as u64,
         "lapq",
         "evaluations",

@@ -12,12 +12,12 @@ use std::collections::HashSet;
 use anyhow::{Result, ensure};
 use serde::Serialize;
 
-use crate::Calibrated;
 use crate::calib::{self, Grid, Histogram, Params, QParams, RangeStats};
 use crate::config::{QuantConfig, Target};
 use crate::ir::{self, Decision, GraphIndex, QuantPlan, RangeSource};
 use crate::onnx;
 use crate::oracle::{Oracle, Score};
+use crate::quantize::Calibrated;
 
 /// What quantizing one site alone costs, and how well its values fit its grid.
 #[derive(Clone, Debug, Serialize)]
@@ -186,7 +186,7 @@ pub fn sensitivity(
 ) -> Result<Vec<SiteSensitivity>> {
     let slots = slot_count(&c.plan);
     let units = site_units(&c.plan);
-    let bar = crate::progress_bar(units.len() as u64 + 1, "sensitivity", "sites", progress);
+    let bar = crate::progress::bar(units.len() as u64 + 1, "sensitivity", "sites", progress);
     let model = oracle.model();
     model.set_float_slots(vec![true; slots])?;
     let float = oracle.score(&c.params)?;
@@ -298,7 +298,7 @@ pub fn fallback(
         }
     }
     candidates.sort_by(|a, b| b.2.total_cmp(&a.2));
-    let bar = crate::progress_bar(
+    let bar = crate::progress::bar(
         2 * candidates.len() as u64,
         "fallback",
         "evaluations",

@@ -12,10 +12,10 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::Calibrated;
 use crate::calib::{Clipping, Params, QParams};
 use crate::config::QuantConfig;
 use crate::ir::{GraphIndex, RangeSource};
+use crate::quantize::Calibrated;
 
 /// Activation candidates: MinMax first (the reference), then the histogram methods.
 const ACTIVATION_CANDIDATES: [(&str, Clipping); 7] = [
@@ -83,17 +83,19 @@ pub fn auto(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
     let index = GraphIndex::new(&c.model)?;
     let acts = ACTIVATION_CANDIDATES
         .iter()
-        .map(|(_, clip)| crate::activation_params(&index, &c.plan, &c.stats, *clip))
+        .map(|(_, clip)| {
+            crate::quantize::params::activation_params(&index, &c.plan, &c.stats, *clip)
+        })
         .collect::<Result<Vec<_>>>()?;
     let weights = WEIGHT_CANDIDATES
         .iter()
-        .map(|(_, clip)| crate::weight_params(&index, &c.plan, *clip))
+        .map(|(_, clip)| crate::quantize::params::weight_params(&index, &c.plan, *clip))
         .collect::<Result<Vec<_>>>()?;
     drop(index);
     let n = config.lapq_samples.clamp(1, c.samples.len().max(1));
-    let oracle = crate::oracle(c, n, 1)?;
+    let oracle = crate::quantize::sites::oracle(c, n, 1)?;
     let searched = searched_sites(c, &acts, &weights);
-    let bar = crate::progress_bar(
+    let bar = crate::progress::bar(
         (SINGLE_METHODS.len() + searched.len() * 4) as u64,
         "auto",
         "evaluations",
@@ -201,7 +203,7 @@ const BEST_MARGIN: f64 = 0.05;
 /// scored as a whole by the network's loss on the first `config.lapq_samples` calibration samples,
 /// with the run's weights (their codes as rounding chose them) and biases corrected for each
 /// candidate's scales. The lowest loss wins if it is `BEST_MARGIN` below MSE's; else MSE. The
-/// oracle comes from `loss` (built there if absent: `crate::loss_oracle`).
+/// oracle comes from `loss` (built there if absent: `crate::quantize::sites::loss_oracle`).
 pub(crate) fn best(
     c: &mut Calibrated,
     config: &QuantConfig,
@@ -209,12 +211,13 @@ pub(crate) fn best(
 ) -> Result<()> {
     let started = Instant::now();
     let candidates = best_candidates(config);
-    let oracle = crate::loss_oracle(c, config, loss)?;
+    let oracle = crate::quantize::sites::loss_oracle(c, config, loss)?;
     let n = oracle.active_samples().len();
     let index = GraphIndex::new(&c.model)?;
     let mut scored = vec![];
     for (_, clip) in &candidates {
-        let activations = crate::activation_params(&index, &c.plan, &c.stats, *clip)?;
+        let activations =
+            crate::quantize::params::activation_params(&index, &c.plan, &c.stats, *clip)?;
         let params = c.biases.params_rounded(
             &c.plan,
             activations,

@@ -10,7 +10,6 @@ use serde::Serialize;
 
 use std::sync::Mutex;
 
-use crate::Calibrated;
 use crate::calib::bias::{Window, WindowMeans, reconstruction_shift};
 use crate::calib::gptq::WindowGram;
 use crate::calib::reconstruct::{PairedGram, RIDGE};
@@ -19,6 +18,7 @@ use crate::config::{QuantConfig, Rounding};
 use crate::ir::{GraphIndex, QuantPlan};
 use crate::onnx;
 use crate::oracle::Update;
+use crate::quantize::Calibrated;
 
 /// What rounding optimisation did: the network's loss on the loss samples with nearest and with
 /// optimised codes, which the export kept (the lower), and each layer's own output error.
@@ -97,7 +97,7 @@ pub fn eligible(
 /// network gives it (everything upstream already rounded) against the float layer's output, in one
 /// paired pass over the calibration samples (`calib::reconstruct`); the others, and every layer
 /// when the samples differ in shape, round on their float input's Gram matrix. The oracle comes
-/// from `loss` (built there if absent: `crate::loss_oracle`).
+/// from `loss` (built there if absent: `crate::quantize::sites::loss_oracle`).
 pub(crate) fn round(
     c: &mut Calibrated,
     config: &QuantConfig,
@@ -137,7 +137,7 @@ pub(crate) fn round(
         }
     }
     let weights = values.iter().flatten().count();
-    let oracle = crate::loss_oracle(c, config, loss)?;
+    let oracle = crate::quantize::sites::loss_oracle(c, config, loss)?;
     let n = oracle.active_samples().len();
     let nearest_loss = oracle.score(&c.params)?.loss;
     let mut best: Option<(f64, bool, Params)> = None;
@@ -273,7 +273,7 @@ fn round_weights(
     });
     // Progress in multiply-adds of one step: values times columns.
     let total = jobs.iter().map(|j| (j.w.len() * j.gram.k) as u64).sum();
-    let bar = crate::progress_bar(total, "rounding", "units", progress);
+    let bar = crate::progress::bar(total, "rounding", "units", progress);
     let (paired, alone): (Vec<Job>, Vec<Job>) = jobs
         .into_iter()
         .partition(|j| one_shape && j.input.is_some());
@@ -343,7 +343,7 @@ fn round_weights(
                 Some(update)
             },
         );
-        let sites = crate::oracle_sites(c)?;
+        let sites = crate::quantize::sites::oracle_sites(c)?;
         crate::oracle::calibrate_paired(
             c.staged.path(),
             &sites,

@@ -21,7 +21,7 @@ pub(crate) fn smooth(
     let staged = onnx::StagedModel::new(model)?;
     let taps: Vec<String> = targets.iter().map(|t| t.tensor.clone()).collect();
     let float = oracle::FloatModel::load(staged.path(), &taps)?;
-    let bar = crate::progress_bar(samples.len() as u64, "smoothing", "samples", progress);
+    let bar = crate::progress::bar(samples.len() as u64, "smoothing", "samples", progress);
     let per_worker = float.observe(
         samples,
         || vec![vec![]; targets.len()],
