@@ -4,7 +4,6 @@
 //! read -> prepare -> index -> plan -> data -> statistics (oracle) -> calibrate -> rounding (oracle)
 //! -> export -> report.
 
-mod biases;
 pub mod calib;
 pub mod config;
 pub mod data;
@@ -13,12 +12,10 @@ pub mod export;
 pub mod fusion;
 pub mod html;
 pub mod ir;
-pub mod joint;
 pub mod onnx;
 pub mod oracle;
 pub mod prepare;
 mod progress;
-pub mod protect;
 pub mod quantize;
 pub mod report;
 
@@ -26,7 +23,6 @@ use std::path::Path;
 
 use anyhow::{Context, Result, ensure};
 
-use biases::Biases;
 use config::{Job, QuantConfig};
 use ir::{GraphIndex, QuantPlan};
 use report::{Report, Timings};
@@ -89,7 +85,7 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
         grams,
     } = quantize::statistics::observe(&staged, &index, &plan, &samples, &job.quant, job.progress)?;
     timings.lap("statistics");
-    let biases = Biases::new(&index, &plan, &bias_means)?;
+    let biases = quantize::biases::Biases::new(&index, &plan, &bias_means)?;
     let params = quantize::params::calibrate_params(&index, &plan, &stats, &biases, &job.quant)?;
     timings.lap("calibrate");
     drop(index);
@@ -113,7 +109,7 @@ pub fn calibrate(job: &Job) -> Result<Calibrated> {
     };
     match job.quant.act_method {
         config::Method::Lapq => {
-            let (params, report) = joint::lapq(&c, &job.quant, job.progress)?;
+            let (params, report) = quantize::lapq::lapq(&c, &job.quant, job.progress)?;
             c.params = params;
             c.lapq = Some(report);
             c.timings.lap("lapq");
@@ -141,8 +137,8 @@ fn calibrate_protected(
     job: &Job,
 ) -> Result<(
     Calibrated,
-    Option<Vec<protect::SiteSensitivity>>,
-    Option<protect::FallbackReport>,
+    Option<Vec<quantize::protect::SiteSensitivity>>,
+    Option<quantize::protect::FallbackReport>,
 )> {
     let c = calibrate(job)?;
     let q = &job.quant;
@@ -151,12 +147,12 @@ fn calibrate_protected(
     }
     let n = q.lapq_samples.clamp(1, c.samples.len().max(1));
     let first = oracle(&c, n, 1)?;
-    let sensitivity = protect::sensitivity(&c, &first, job.progress)?;
+    let sensitivity = quantize::protect::sensitivity(&c, &first, job.progress)?;
     let Some(target) = q.target else {
         return Ok((c, Some(sensitivity), None));
     };
     let (chosen, mut report) =
-        protect::fallback(&c, &first, q, &sensitivity, target, job.progress)?;
+        quantize::protect::fallback(&c, &first, q, &sensitivity, target, job.progress)?;
     drop(first);
     let mut c = c;
     if !chosen.keep_float.is_empty() {

@@ -98,7 +98,7 @@ pub struct Report {
     /// Forms that will not fuse into integer kernels in ONNX Runtime.
     pub warnings: Vec<String>,
     /// What LAPQ did (the p grid and its losses, p*, Powell's sweeps, evaluations, time per stage).
-    pub lapq: Option<crate::joint::LapqReport>,
+    pub lapq: Option<crate::quantize::lapq::LapqReport>,
     /// What the auto method chose, when it ran.
     pub auto: Option<crate::quantize::auto::AutoReport>,
     /// Which activation clipping `--method best` chose, and each candidate's loss.
@@ -108,9 +108,9 @@ pub struct Report {
     /// Normalisation outputs whose outlier channels moved into the MatMuls reading them (SmoothQuant).
     pub smoothed: Vec<String>,
     /// Each site's cost alone, costliest first (with --sensitivity or a target).
-    pub sensitivity: Option<Vec<crate::protect::SiteSensitivity>>,
+    pub sensitivity: Option<Vec<crate::quantize::protect::SiteSensitivity>>,
     /// What the accuracy fallback kept float (with --max-loss or --min-agreement).
-    pub fallback: Option<crate::protect::FallbackReport>,
+    pub fallback: Option<crate::quantize::protect::FallbackReport>,
     /// What ONNX Runtime's CPU provider does with each node of the exported model.
     pub fusion: Vec<crate::fusion::Verdict>,
     pub timings: Timings,

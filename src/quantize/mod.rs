@@ -1,18 +1,21 @@
-//! The calibration stages: the statistics pass, parameters from it, and the stages that search with
-//! the oracle (the layout issue moves LAPQ, bias correction and the fallback here too).
+//! The calibration stages: the statistics pass, parameters from it, bias correction, and the stages
+//! that search with the oracle (best, auto, LAPQ, rounding, sensitivity and the accuracy fallback).
 
 pub mod auto;
+pub(crate) mod biases;
+pub mod lapq;
 pub mod params;
+pub mod protect;
 pub mod rounding;
 pub mod sites;
 pub mod smoothing;
 pub mod statistics;
 
-use crate::biases::Biases;
 use crate::calib::{self, Params, RangeStats};
 use crate::ir::QuantPlan;
 use crate::report::Timings;
-use crate::{data, joint, onnx};
+use crate::{data, onnx};
+use biases::Biases;
 
 /// A calibrated run, before export: everything the later stages (export, oracle, report) need.
 pub struct Calibrated {
@@ -35,7 +38,7 @@ pub struct Calibrated {
     pub labels: Option<Vec<usize>>,
     pub timings: Timings,
     /// What LAPQ did, when it ran.
-    pub lapq: Option<joint::LapqReport>,
+    pub lapq: Option<lapq::LapqReport>,
     /// What the auto method chose, when it ran.
     pub auto: Option<auto::AutoReport>,
     /// What `Method::Best`'s activation choice scored.

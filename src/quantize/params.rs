@@ -3,11 +3,11 @@
 
 use anyhow::{Context, Result, ensure};
 
-use crate::biases::Biases;
 use crate::calib::{self, Params, QParams, RangeStats};
 use crate::config::{self, QuantConfig};
 use crate::ir::{GraphIndex, QuantPlan, RangeSource};
 use crate::onnx;
+use crate::quantize::biases::Biases;
 
 /// The clipping method a configured method stands for.
 fn clipping(method: config::Method, config: &QuantConfig) -> calib::Clipping {

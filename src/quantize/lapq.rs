@@ -10,7 +10,6 @@ use anyhow::{Context, Result, anyhow};
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use crate::biases::Biases;
 use crate::calib::{
     self, Clipping, Histogram, Objective, PFit, Params, PowellConfig, PowellResult, QParams,
 };
@@ -19,6 +18,7 @@ use crate::ir::{GraphIndex, QuantPlan, RangeSource};
 use crate::onnx;
 use crate::oracle::{Oracle, Tail};
 use crate::quantize::Calibrated;
+use crate::quantize::biases::Biases;
 
 /// Values of p measured for the quadratic fit (evenly spaced in [2, 4], as the authors do).
 const P_POINTS: usize = 10;
