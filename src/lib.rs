@@ -15,7 +15,7 @@ pub mod ir;
 pub mod onnx;
 pub mod oracle;
 pub mod prepare;
-mod progress;
+pub mod progress;
 pub mod quantize;
 pub mod report;
 

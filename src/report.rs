@@ -1,45 +1,12 @@
 //! What a run did: per-site parameters, nodes left in float and why, timings. Decides nothing.
 
-use std::time::Instant;
-
 use serde::Serialize;
 
 use crate::calib::{Params, RangeStats};
 use crate::config::{Job, QuantConfig};
 use crate::ir::{Decision, QuantPlan, RangeSource};
 
-/// Wall-clock time per stage, in milliseconds, in pipeline order.
-#[derive(Clone, Debug, Serialize)]
-pub struct Timings {
-    #[serde(skip)]
-    last: Instant,
-    #[serde(skip)]
-    start: Instant,
-    pub stages_ms: Vec<(String, u128)>,
-    pub total_ms: u128,
-}
-
-impl Timings {
-    /// Starts the clock.
-    pub fn start() -> Timings {
-        let now = Instant::now();
-        Timings {
-            last: now,
-            start: now,
-            stages_ms: vec![],
-            total_ms: 0,
-        }
-    }
-
-    /// Records the time since the previous lap under `stage`.
-    pub fn lap(&mut self, stage: &str) {
-        let now = Instant::now();
-        self.stages_ms
-            .push((stage.to_string(), (now - self.last).as_millis()));
-        self.total_ms = (now - self.start).as_millis();
-        self.last = now;
-    }
-}
+pub use crate::progress::Timings;
 
 /// One activation site's parameters and the range they came from.
 #[derive(Clone, Debug, Serialize)]

@@ -15,6 +15,35 @@ pub enum LossKind {
     CrossEntropy,
 }
 
+/// The index of the first largest value (0 for an empty row; NaN is never the largest).
+pub fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv { (i, x) } else { (bi, bv) }
+        })
+        .0
+}
+
+/// One sample's output: its dims and values.
+pub type Output<'a> = (&'a [usize], &'a [f32]);
+
+/// The share of samples whose quantized top class is the float one, for outputs that are class rows
+/// (`(dims, values)` per sample, float then quantized, of more than one value with the last axis
+/// holding them all); `None` for any other output, or no sample.
+pub fn top1_agreement(pairs: &[(Output, Output)]) -> Option<f64> {
+    let rows = pairs.iter().all(|((fd, fv), (qd, qv))| {
+        fd == qd && fv.len() == qv.len() && fv.len() > 1 && fd.last() == Some(&fv.len())
+    });
+    (rows && !pairs.is_empty()).then(|| {
+        let agree = pairs
+            .iter()
+            .filter(|((_, fv), (_, qv))| argmax(fv) == argmax(qv))
+            .count();
+        agree as f64 / pairs.len() as f64
+    })
+}
+
 fn log_softmax(logits: &[f32]) -> Vec<f64> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
@@ -161,6 +190,36 @@ mod tests {
 
     fn output(dims: &[usize], values: &[f32]) -> Vec<(Vec<usize>, Vec<f32>)> {
         vec![(dims.to_vec(), values.to_vec())]
+    }
+
+    #[test]
+    fn top1_agreement_counts_rows_whose_top_class_matches_and_ignores_other_outputs() {
+        let (d, f1, q1, f2, q2) = (
+            [1, 3],
+            [0.1, 0.7, 0.2],
+            [0.2, 0.5, 0.3],
+            [0.9, 0.0, 0.1],
+            [0.4, 0.5, 0.1],
+        );
+        let pairs = [
+            ((&d[..], &f1[..]), (&d[..], &q1[..])),
+            ((&d[..], &f2[..]), (&d[..], &q2[..])),
+        ];
+        assert_eq!(top1_agreement(&pairs), Some(0.5));
+        assert_eq!(top1_agreement(&pairs[..1]), Some(1.0));
+        // A map (the last axis does not hold the values), one value, or no sample: not a classifier.
+        let map = [1, 3, 1];
+        assert_eq!(
+            top1_agreement(&[((&map[..], &f1[..]), (&map[..], &q1[..]))]),
+            None
+        );
+        let one = [1, 1];
+        assert_eq!(
+            top1_agreement(&[((&one[..], &f1[..1]), (&one[..], &q1[..1]))]),
+            None
+        );
+        assert_eq!(top1_agreement(&[]), None);
+        assert_eq!(argmax(&[1.0, 3.0, 3.0, f32::NAN]), 1);
     }
 
     #[test]

@@ -19,7 +19,7 @@ mod stats;
 pub use clip::{Clipping, alpha_from_histogram, alpha_from_values, clipped_range, lp_error};
 pub use grid::{Grid, QParams, bias_params, guard_bias_overflow, quantize_bias};
 pub use hist::{BINS, Histogram};
-pub use loss::{DenseReference, LossKind, cross_entropy, kl_softmax};
+pub use loss::{DenseReference, LossKind, argmax, cross_entropy, kl_softmax, top1_agreement};
 pub use pfit::{PFit, fit_p, p_grid};
 pub use powell::{Objective, PowellConfig, PowellResult, powell};
 pub use stats::{RangeStats, channel_min_max};

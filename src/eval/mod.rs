@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 
+use crate::calib::argmax;
 use crate::config::DataConfig;
 use crate::ir::GraphIndex;
 use crate::onnx;
@@ -289,15 +290,6 @@ fn accuracy(outputs: &[SampleOutputs], labels: &[usize]) -> f64 {
         .filter(|(o, l)| o.first().is_some_and(|(_, v)| argmax(v) == **l))
         .count();
     hits as f64 / outputs.len().max(1) as f64
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
-            if x > bv { (i, x) } else { (bi, bv) }
-        })
-        .0
 }
 
 /// The row as a distribution: itself when it already is one (non-negative, sums to 1), else its softmax.

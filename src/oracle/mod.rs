@@ -416,10 +416,15 @@ impl Oracle {
     pub fn score(&self, params: &crate::calib::Params) -> Result<Score> {
         let outputs = self.outputs(params)?;
         let n = outputs.len();
-        let agreement = crate::eval::compare(&["output".into()], &self.reference[..n], &outputs)?
-            .first()
-            .and_then(|m| m.classifier.as_ref())
-            .map(|c| c.top1_agreement);
+        let pairs: Option<Vec<_>> = self.reference[..n]
+            .iter()
+            .zip(&outputs)
+            .map(|(f, q)| {
+                let (f, q) = (f.first()?, q.first()?);
+                Some(((&f.0[..], &f.1[..]), (&q.0[..], &q.1[..])))
+            })
+            .collect();
+        let agreement = pairs.and_then(|p| crate::calib::top1_agreement(&p));
         Ok(Score {
             loss: self.loss_of(&outputs),
             agreement,

@@ -13,7 +13,7 @@ pub mod statistics;
 
 use crate::calib::{self, Params, RangeStats};
 use crate::ir::QuantPlan;
-use crate::report::Timings;
+use crate::progress::Timings;
 use crate::{data, onnx};
 use biases::Biases;
 
