@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 
-use crate::calib::argmax;
+use crate::calib::{argmax, top1_agreement};
 use crate::config::DataConfig;
 use crate::ir::GraphIndex;
 use crate::onnx;
@@ -235,7 +235,7 @@ pub fn compare(
     let mut metrics = vec![];
     for (k, name) in names.iter().enumerate() {
         let (mut signal, mut noise, mut max_abs, mut cosines) = (0f64, 0f64, 0f64, 0f64);
-        let (mut agree, mut kl, mut rows) = (0usize, 0f64, true);
+        let mut pairs = Vec::with_capacity(float.len());
         for (s, (fs, qs)) in float.iter().zip(quant).enumerate() {
             let (Some((fd, fv)), Some((qd, qv))) = (fs.get(k), qs.get(k)) else {
                 anyhow::bail!("internal: output {k} of sample {s} is missing");
@@ -261,11 +261,7 @@ pub fn compare(
             } else {
                 dot / (ff.sqrt() * qq.sqrt())
             };
-            rows &= fv.len() > 1 && fd.last() == Some(&fv.len());
-            if rows {
-                agree += usize::from(argmax(fv) == argmax(qv));
-                kl += kl_divergence(&distribution(fv), &distribution(qv));
-            }
+            pairs.push(((&fd[..], &fv[..]), (&qd[..], &qv[..])));
         }
         let n = float.len().max(1) as f64;
         metrics.push(OutputMetrics {
@@ -273,9 +269,13 @@ pub fn compare(
             cosine: cosines / n,
             sqnr_db: (noise > 0.0).then(|| 10.0 * (signal / noise).log10()),
             max_abs_error: max_abs,
-            classifier: (rows && !float.is_empty()).then(|| ClassifierMetrics {
-                top1_agreement: agree as f64 / n,
-                kl_divergence: kl / n,
+            classifier: top1_agreement(&pairs).map(|a| ClassifierMetrics {
+                top1_agreement: a,
+                kl_divergence: pairs
+                    .iter()
+                    .map(|((_, f), (_, q))| kl_divergence(&distribution(f), &distribution(q)))
+                    .sum::<f64>()
+                    / n,
             }),
         });
     }
