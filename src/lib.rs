@@ -25,7 +25,8 @@ use anyhow::{Context, Result, ensure};
 
 use config::{Job, QuantConfig};
 use ir::{GraphIndex, QuantPlan};
-use report::{Report, Timings};
+use progress::Timings;
+use report::Report;
 
 pub use quantize::Calibrated;
 pub use quantize::sites::{oracle, oracle_sites};

@@ -5,8 +5,7 @@ use serde::Serialize;
 use crate::calib::{Params, RangeStats};
 use crate::config::{Job, QuantConfig};
 use crate::ir::{Decision, QuantPlan, RangeSource};
-
-pub use crate::progress::Timings;
+use crate::progress::Timings;
 
 /// One activation site's parameters and the range they came from.
 #[derive(Clone, Debug, Serialize)]
