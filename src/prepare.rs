@@ -12,10 +12,12 @@
 //!   duplicates, and every later stage finds nodes by name.
 
 use std::collections::HashSet;
+use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::ir::GraphIndex;
+use crate::config::QuantConfig;
+use crate::ir::{GraphIndex, QuantPlan};
 use crate::onnx::{self, DataType, ModelProto, NodeProto, TensorData, TensorProto};
 
 /// A node the rewrites removed, and into which node it went.
@@ -530,6 +532,23 @@ fn store(
     }
     names.insert(&target);
     target
+}
+
+/// Rewrites `model` (see `prepare`), indexes it and plans its quantization; the plan lists the nodes
+/// the rewrites removed.
+pub fn plan_model(
+    model: &mut onnx::ModelProto,
+    path: &Path,
+    config: &QuantConfig,
+) -> Result<QuantPlan> {
+    let context = || format!("model {}", path.display());
+    let merged = prepare(model).with_context(context)?;
+    let index = GraphIndex::new(model).with_context(context)?;
+    let mut plan = crate::ir::plan(&index, config)?;
+    for m in &merged {
+        plan.note_merged(&m.node, &m.op_type, &m.into);
+    }
+    Ok(plan)
 }
 
 #[cfg(test)]

@@ -365,3 +365,24 @@ fn load_external(t: &mut TensorProto, dir: &Path) -> Result<()> {
     t.data_location = None;
     Ok(())
 }
+
+/// Fails early, before any long work, when the output cannot be written or would overwrite the input.
+pub fn check_output_path(model: &Path, output: &Path) -> Result<()> {
+    let dir = output
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    ensure!(
+        dir.is_dir(),
+        "output folder {} does not exist",
+        dir.display()
+    );
+    if let (Ok(a), Ok(b)) = (model.canonicalize(), output.canonicalize()) {
+        ensure!(
+            a != b,
+            "output {} is the input model: lapq never modifies its input",
+            output.display()
+        );
+    }
+    Ok(())
+}

@@ -6,7 +6,9 @@
 mod io;
 mod tensor;
 
-pub use io::{StagedModel, decode_model, encode_model, read_model, write_file, write_model};
+pub use io::{
+    StagedModel, check_output_path, decode_model, encode_model, read_model, write_file, write_model,
+};
 pub use tensor::{
     TensorData, elem_type_name, make_tensor, tensor_dims, tensor_f32, tensor_i64, tensor_ints,
     tensor_num_elements,

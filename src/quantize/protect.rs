@@ -9,11 +9,11 @@
 
 use std::collections::HashSet;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use serde::Serialize;
 
 use crate::calib::{self, Grid, Histogram, Params, QParams, RangeStats};
-use crate::config::{QuantConfig, Target};
+use crate::config::{Job, QuantConfig, Target};
 use crate::ir::{self, Decision, GraphIndex, QuantPlan, RangeSource};
 use crate::onnx;
 use crate::oracle::{Oracle, Score};
@@ -213,6 +213,53 @@ pub fn sensitivity(
     Ok(out)
 }
 
+/// `calibrate`, then, when the job asks, each site's sensitivity and the accuracy fallback: sites it
+/// raises to 8 bits keep the parameters it chose; nodes it keeps float are excluded and the run is
+/// calibrated again (LAPQ included). The result is scored by a fresh oracle.
+pub(crate) fn calibrate_protected(
+    job: &Job,
+) -> Result<(
+    Calibrated,
+    Option<Vec<SiteSensitivity>>,
+    Option<FallbackReport>,
+)> {
+    let c = super::calibrate(job)?;
+    let q = &job.quant;
+    if !q.sensitivity && q.target.is_none() {
+        return Ok((c, None, None));
+    }
+    let n = q.lapq_samples.clamp(1, c.samples.len().max(1));
+    let first = super::sites::oracle(&c, n, 1)?;
+    let sensitivity = sensitivity(&c, &first, job.progress)?;
+    let Some(target) = q.target else {
+        return Ok((c, Some(sensitivity), None));
+    };
+    let (chosen, mut report) = fallback(&c, &first, q, &sensitivity, target, job.progress)?;
+    drop(first);
+    let mut c = c;
+    if !chosen.keep_float.is_empty() {
+        // Float nodes change the plan: calibrate again without them.
+        let mut again = job.clone();
+        again.quant.keep_float.extend(chosen.keep_float);
+        let timings = c.timings;
+        c = super::calibrate(&again)?;
+        c.timings = timings;
+    } else if !chosen.eight_bit.is_empty() {
+        // Raised grids leave the plan's sites as they are: keep the parameters the fallback scored.
+        let mut raised = q.clone();
+        raised.eight_bit.extend(chosen.eight_bit);
+        ir::raise_to_eight_bits(&mut c.plan, &raised);
+        c.params = chosen
+            .params
+            .context("internal: the fallback kept no parameters")?;
+        super::rounding::round(&mut c, q, &mut None, job.progress)?;
+    }
+    report.exported = Some(super::sites::oracle(&c, n, 1)?.score(&c.params)?);
+    c.timings
+        .lap("protect (sensitivity, fallback, calibration again)");
+    Ok((c, Some(sensitivity), Some(report)))
+}
+
 /// Protects sites until `target` holds: raised to 8 bits when the run has sites below 8 bits, else
 /// their nodes kept float. Candidates are taken costliest first by `sensitivity` (a node costs what
 /// the sites it owns cost), each kept whether or not the loss moves at once: in a badly broken network
@@ -234,70 +281,10 @@ pub fn fallback(
         "--min-agreement needs a classifier (one row of class scores per sample); use --max-loss"
     );
     let holds = |s: &Score| target.holds(s.loss, s.agreement);
-    // A weight is below 8 bits when it is below the widest grid its target allows (7 bits where the
-    // target's kernels saturate 8-bit pairs).
-    let below = |site: Site| match site {
-        Site::Activation(i) => c.plan.activations[i].grid.bits < 8,
-        Site::Weight(k) => {
-            let w = &c.plan.weights[k];
-            w.grid.bits < config.weight_bits_cap(w.paired)
-        }
-    };
-    let below_eight = (0..c.plan.activations.len()).any(|i| below(Site::Activation(i)))
-        || (0..c.plan.weights.len()).any(|k| below(Site::Weight(k)));
-    let units = site_units(&c.plan);
-    let site_name = |site: Site| match site {
-        Site::Activation(i) => &c.plan.activations[i].tensor,
-        Site::Weight(k) => &c.plan.weights[k].tensor,
-    };
-    let cost_of = |u: &SiteUnit| {
-        sensitivity
-            .iter()
-            .find(|s| *site_name(u.site) == s.tensor && kind(u.site) == s.kind)
-            .map_or(0.0, |s| s.loss_delta)
-    };
-    // Each candidate: its name, kind, cost, and what taking it does to (parameters, float mask).
-    type Apply<'a> = Box<dyn Fn(&Params, &[bool]) -> Result<(Params, Vec<bool>)> + 'a>;
-    let mut candidates: Vec<(String, String, f64, Apply)> = vec![];
-    if below_eight {
-        for u in site_units(&c.plan) {
-            if below(u.site) {
-                let (name, cost) = (site_name(u.site).clone(), cost_of(&u));
-                candidates.push((
-                    name,
-                    kind(u.site).to_string(),
-                    cost,
-                    Box::new(move |p: &Params, m: &[bool]| {
-                        Ok((raised(c, p, &u, config)?, m.to_vec()))
-                    }),
-                ));
-            }
-        }
-    } else {
-        let mut slot_cost = vec![0.0; slot_count(&c.plan)];
-        for u in &units {
-            for &k in &u.slots {
-                slot_cost[k] = cost_of(u);
-            }
-        }
-        for n in node_units(c, config)? {
-            let cost = n.slots.iter().map(|&k| slot_cost[k]).sum();
-            let (name, op) = (n.node.clone(), n.op_type.clone());
-            candidates.push((
-                name,
-                op,
-                cost,
-                Box::new(move |p: &Params, m: &[bool]| {
-                    let mut m = m.to_vec();
-                    for &k in &n.slots {
-                        m[k] = true;
-                    }
-                    Ok((p.clone(), m))
-                }),
-            ));
-        }
-    }
-    candidates.sort_by(|a, b| b.2.total_cmp(&a.2));
+    let below_eight = (0..c.plan.activations.len())
+        .any(|i| below_eight_bits(c, config, Site::Activation(i)))
+        || (0..c.plan.weights.len()).any(|k| below_eight_bits(c, config, Site::Weight(k)));
+    let candidates = candidates(c, config, sensitivity, below_eight)?;
     let bar = crate::progress::bar(
         2 * candidates.len() as u64,
         "fallback",
@@ -313,7 +300,7 @@ pub fn fallback(
     let state = |chosen: &[usize]| -> Result<(Params, Vec<bool>)> {
         let (mut p, mut m) = (c.params.clone(), none.clone());
         for &k in chosen {
-            (p, m) = (candidates[k].3)(&p, &m)?;
+            (p, m) = (candidates[k].apply)(&p, &m)?;
         }
         Ok((p, m))
     };
@@ -322,17 +309,17 @@ pub fn fallback(
     let mut current = before;
     // Forward, each choice applies on top of the last state; only pruning replays from scratch.
     let (mut p, mut m) = (c.params.clone(), none.clone());
-    for (k, (name, kind, _, apply)) in candidates.iter().enumerate() {
+    for (k, candidate) in candidates.iter().enumerate() {
         if holds(&current) {
             break;
         }
         bar.inc(1);
         chosen.push(k);
-        (p, m) = apply(&p, &m)?;
+        (p, m) = (candidate.apply)(&p, &m)?;
         current = score(&p, &m)?;
         kept.push(Kept {
-            name: name.clone(),
-            kind: kind.clone(),
+            name: candidate.name.clone(),
+            kind: candidate.kind.clone(),
             score: current,
         });
     }
@@ -346,7 +333,7 @@ pub fn fallback(
             if holds(&s) {
                 chosen = trial;
                 current = s;
-                dropped.push(candidates[k].0.clone());
+                dropped.push(candidates[k].name.clone());
             }
         }
     }
@@ -354,19 +341,8 @@ pub fn fallback(
     let (params, _) = state(&chosen)?;
     model.set_float_slots(vec![])?;
     bar.finish_and_clear();
-    let names = chosen.iter().map(|&k| candidates[k].0.clone()).collect();
-    let protection = if below_eight {
-        Protection {
-            eight_bit: names,
-            params: Some(params),
-            ..Protection::default()
-        }
-    } else {
-        Protection {
-            keep_float: names,
-            ..Protection::default()
-        }
-    };
+    let names = chosen.iter().map(|&k| candidates[k].name.clone()).collect();
+    let protection = Protection::of(below_eight, names, params);
     Ok((
         protection,
         FallbackReport {
@@ -380,6 +356,110 @@ pub fn fallback(
             exported: None,
         },
     ))
+}
+
+impl Protection {
+    /// The fallback's choices `names`: sites raised to 8 bits with `params` in a run below 8 bits,
+    /// else nodes kept float.
+    fn of(below_eight: bool, names: Vec<String>, params: Params) -> Protection {
+        if below_eight {
+            Protection {
+                eight_bit: names,
+                params: Some(params),
+                ..Protection::default()
+            }
+        } else {
+            Protection {
+                keep_float: names,
+                ..Protection::default()
+            }
+        }
+    }
+}
+
+/// What taking a fallback candidate does to (parameters, float mask).
+type Apply<'a> = Box<dyn Fn(&Params, &[bool]) -> Result<(Params, Vec<bool>)> + 'a>;
+
+/// One choice the fallback can take: a site raised to 8 bits or a node kept float.
+struct Candidate<'a> {
+    name: String,
+    kind: String,
+    /// Its sensitivity: the loss increase of its sites alone.
+    cost: f64,
+    apply: Apply<'a>,
+}
+
+/// Whether `site` is below 8 bits: an activation below 8, a weight below the widest grid its target
+/// allows (7 bits where the target's kernels saturate 8-bit pairs).
+fn below_eight_bits(c: &Calibrated, config: &QuantConfig, site: Site) -> bool {
+    match site {
+        Site::Activation(i) => c.plan.activations[i].grid.bits < 8,
+        Site::Weight(k) => {
+            let w = &c.plan.weights[k];
+            w.grid.bits < config.weight_bits_cap(w.paired)
+        }
+    }
+}
+
+/// The fallback's candidates, costliest first: in a run below 8 bits each site below 8 bits (raised
+/// to 8), else each node (kept float), costed by the sensitivity of the sites it holds.
+fn candidates<'a>(
+    c: &'a Calibrated,
+    config: &'a QuantConfig,
+    sensitivity: &[SiteSensitivity],
+    below_eight: bool,
+) -> Result<Vec<Candidate<'a>>> {
+    let units = site_units(&c.plan);
+    let site_name = |site: Site| match site {
+        Site::Activation(i) => &c.plan.activations[i].tensor,
+        Site::Weight(k) => &c.plan.weights[k].tensor,
+    };
+    let cost_of = |u: &SiteUnit| {
+        sensitivity
+            .iter()
+            .find(|s| *site_name(u.site) == s.tensor && kind(u.site) == s.kind)
+            .map_or(0.0, |s| s.loss_delta)
+    };
+    let mut candidates: Vec<Candidate> = vec![];
+    if below_eight {
+        for u in units {
+            if below_eight_bits(c, config, u.site) {
+                let (name, cost) = (site_name(u.site).clone(), cost_of(&u));
+                candidates.push(Candidate {
+                    name,
+                    kind: kind(u.site).to_string(),
+                    cost,
+                    apply: Box::new(move |p: &Params, m: &[bool]| {
+                        Ok((raised(c, p, &u, config)?, m.to_vec()))
+                    }),
+                });
+            }
+        }
+    } else {
+        let mut slot_cost = vec![0.0; slot_count(&c.plan)];
+        for u in &units {
+            for &k in &u.slots {
+                slot_cost[k] = cost_of(u);
+            }
+        }
+        for n in node_units(c, config)? {
+            let cost = n.slots.iter().map(|&k| slot_cost[k]).sum();
+            candidates.push(Candidate {
+                name: n.node.clone(),
+                kind: n.op_type.clone(),
+                cost,
+                apply: Box::new(move |p: &Params, m: &[bool]| {
+                    let mut m = m.to_vec();
+                    for &k in &n.slots {
+                        m[k] = true;
+                    }
+                    Ok((p.clone(), m))
+                }),
+            });
+        }
+    }
+    candidates.sort_by(|a, b| b.cost.total_cmp(&a.cost));
+    Ok(candidates)
 }
 
 fn kind(site: Site) -> &'static str {
