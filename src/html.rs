@@ -13,6 +13,26 @@ const HEIGHT: u32 = 320;
 /// The page for `report`.
 pub fn page(report: &Report) -> Result<String> {
     let mut body = String::new();
+    body += &header(report);
+    body += &sensitivity_section(report)?;
+    body += &fallback_section(report);
+    body += &lapq_section(report)?;
+    body += &fusion_section(report)?;
+    body += &rounding_section(report)?;
+    body += &skipped_section(report);
+    Ok(format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>lapq report: {}\
+         </title><style>body{{font-family:sans-serif;max-width:900px;margin:2em auto;color:#222}}\
+         table{{border-collapse:collapse;font-size:13px;margin:1em 0}}td,th{{border:1px solid #ccc;\
+         padding:2px 6px;text-align:left}}svg{{display:block;margin:1em 0}}</style></head><body>\n\
+         {body}\n</body></html>\n",
+        esc(&report.output)
+    ))
+}
+
+/// The title lines: model, output, method, samples, time and node counts.
+fn header(report: &Report) -> String {
+    let mut body = String::new();
     body += &format!(
         "<h1>lapq report</h1><p><b>{}</b> &rarr; <b>{}</b><br>method {}, {} calibration samples, \
          {:.1} s</p>",
@@ -32,7 +52,12 @@ pub fn page(report: &Report) -> Result<String> {
         report.weights.len(),
         report.biases.len()
     );
+    body
+}
 
+/// Each site's sensitivity: the 30 costliest, as bars and a table.
+fn sensitivity_section(report: &Report) -> Result<String> {
+    let mut body = String::new();
     body += "<h2>Sensitivity</h2>";
     match &report.sensitivity {
         Some(sens) if !sens.is_empty() => {
@@ -69,7 +94,12 @@ pub fn page(report: &Report) -> Result<String> {
         }
         _ => body += "<p>Not measured (run with <code>--sensitivity</code>).</p>",
     }
+    Ok(body)
+}
 
+/// The accuracy fallback's target, scores and choices, when it ran.
+fn fallback_section(report: &Report) -> String {
+    let mut body = String::new();
     if let Some(f) = &report.fallback {
         body += "<h2>Accuracy fallback</h2>";
         let score = |s: &crate::oracle::Score| match s.agreement {
@@ -90,7 +120,12 @@ pub fn page(report: &Report) -> Result<String> {
                 .map(|k| vec![k.name.clone(), k.kind.clone(), score(&k.score)]),
         );
     }
+    body
+}
 
+/// LAPQ's loss over the p grid with its parabola, and Powell's trace.
+fn lapq_section(report: &Report) -> Result<String> {
+    let mut body = String::new();
     body += "<h2>LAPQ</h2>";
     match &report.lapq {
         Some(l) => {
@@ -119,7 +154,12 @@ pub fn page(report: &Report) -> Result<String> {
         }
         None => body += "<p>Not run (<code>--method lapq</code>).</p>",
     }
+    Ok(body)
+}
 
+/// ONNX Runtime's kernels for the exported nodes, and why the float ones stay float.
+fn fusion_section(report: &Report) -> Result<String> {
+    let mut body = String::new();
     body += "<h2>ONNX Runtime fusion</h2>";
     let integer = report.fusion.iter().filter(|v| v.integer).count();
     body += &format!(
@@ -153,7 +193,12 @@ pub fn page(report: &Report) -> Result<String> {
             }),
         );
     }
+    Ok(body)
+}
 
+/// Rounding optimisation's losses, and each layer's error against nearest rounding's.
+fn rounding_section(report: &Report) -> Result<String> {
+    let mut body = String::new();
     if let Some(r) = &report.rounding {
         body += &format!(
             "<h2>Rounding ({})</h2><p>Network loss {:.4e} with the optimised codes against {:.4e} \
@@ -210,7 +255,12 @@ pub fn page(report: &Report) -> Result<String> {
             }),
         );
     }
+    Ok(body)
+}
 
+/// The nodes the plan leaves float, with their reasons.
+fn skipped_section(report: &Report) -> String {
+    let mut body = String::new();
     body += "<h2>Nodes left in float by the plan</h2>";
     if report.skipped.is_empty() {
         body += "<p>None.</p>";
@@ -223,14 +273,7 @@ pub fn page(report: &Report) -> Result<String> {
                 .map(|n| vec![n.node.clone(), n.op_type.clone(), n.reason.clone()]),
         );
     }
-    Ok(format!(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>lapq report: {}\
-         </title><style>body{{font-family:sans-serif;max-width:900px;margin:2em auto;color:#222}}\
-         table{{border-collapse:collapse;font-size:13px;margin:1em 0}}td,th{{border:1px solid #ccc;\
-         padding:2px 6px;text-align:left}}svg{{display:block;margin:1em 0}}</style></head><body>\n\
-         {body}\n</body></html>\n",
-        esc(&report.output)
-    ))
+    body
 }
 
 /// An HTML table of `rows` (text, escaped here) under `headers`.

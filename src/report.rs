@@ -59,7 +59,7 @@ pub struct Report {
     pub skipped: Vec<SkippedNode>,
     /// Conv/Gemm layers whose bias absorbed the mean shift of their quantized weights.
     pub biases_corrected: usize,
-    /// Weights whose codes rounding with error feedback chose (`--rounding gptq`).
+    /// Weights whose codes an optimised rounding chose (`--rounding gptq` or `adaround`).
     pub weights_rounded: usize,
     /// Forms that will not fuse into integer kernels in ONNX Runtime.
     pub warnings: Vec<String>,
@@ -69,7 +69,7 @@ pub struct Report {
     pub auto: Option<crate::quantize::auto::AutoReport>,
     /// Which activation clipping `--method best` chose, and each candidate's loss.
     pub best: Option<crate::quantize::auto::BestReport>,
-    /// What rounding with error feedback did, when it ran.
+    /// What the optimised rounding did, when it ran.
     pub rounding: Option<crate::quantize::rounding::RoundingReport>,
     /// Normalisation outputs whose outlier channels moved into the MatMuls reading them (SmoothQuant).
     pub smoothed: Vec<String>,
@@ -163,11 +163,12 @@ impl Report {
         }
     }
 
-    /// A few lines for the terminal.
+    /// A few lines for the terminal: what was written, what calibration chose, how ONNX Runtime runs
+    /// it, and what protection measured and kept.
     pub fn summary(&self) -> String {
         let mut s = format!(
             "wrote {} ({} quantized nodes, {} activations folded,{} {} nodes float; {} activation and {} \
-             weight sites; {} biases corrected; {} weights rounded with error feedback; {} calibration \
+             weight sites; {} biases corrected; {} weights with optimised rounding; {} calibration \
              samples; {:.1} s)",
             self.output,
             self.nodes_quantized,
@@ -184,6 +185,15 @@ impl Report {
             self.calibration_samples,
             self.timings.total_ms as f64 / 1000.0
         );
+        self.calibration_lines(&mut s);
+        self.deployment_lines(&mut s);
+        self.sensitivity_lines(&mut s);
+        self.fallback_lines(&mut s);
+        s
+    }
+
+    /// Smoothing, rounding, the activation choice of `best` and `auto`, and 7-bit weights.
+    fn calibration_lines(&self, s: &mut String) {
         if !self.smoothed.is_empty() {
             s.push_str(&format!(
                 "\n  smoothing: {} normalisation outputs moved their outlier channels into the MatMuls \
@@ -243,6 +253,10 @@ impl Report {
                 self.config.deploy.name()
             ));
         }
+    }
+
+    /// What ONNX Runtime's CPU provider fuses, and the nodes left float with their reasons.
+    fn deployment_lines(&self, s: &mut String) {
         if !self.fusion.is_empty() {
             let integer = self.fusion.iter().filter(|v| v.integer).count();
             s.push_str(&format!(
@@ -262,6 +276,10 @@ impl Report {
                 n.node, n.op_type, n.reason
             ));
         }
+    }
+
+    /// The costliest sites, when sensitivity ran.
+    fn sensitivity_lines(&self, s: &mut String) {
         if let Some(sens) = &self.sensitivity {
             s.push_str(
                 "\n  costliest sites (loss with only that site quantized; SQNR; range used):",
@@ -280,6 +298,10 @@ impl Report {
                 ));
             }
         }
+    }
+
+    /// The accuracy fallback's target, what it kept, and the scores before and after.
+    fn fallback_lines(&self, s: &mut String) {
         if let Some(f) = &self.fallback {
             let score = |sc: &crate::oracle::Score| {
                 sc.agreement.map_or(format!("loss {:.5}", sc.loss), |a| {
@@ -325,7 +347,6 @@ impl Report {
                 s.push_str(&format!("\n  exported model: {}", score(e)));
             }
         }
-        s
     }
 }
 
