@@ -174,6 +174,81 @@ fn judge(index: &GraphIndex, node: &NodeProto) -> std::result::Result<String, St
             ))
         };
     }
+    let sources = sources(index, node, moves)?;
+    // MaxPool has an 8-bit kernel; the other data-movement ops move any integer type.
+    for s in sources.iter().filter(|_| !moves || op == "MaxPool") {
+        if !is_eight_bit(s.elem) {
+            let what = if s.constant { "weight" } else { "activation" };
+            return Err(format!(
+                "{} {what} '{}': ONNX Runtime's CPU kernels fuse 8-bit only",
+                onnx::elem_type_name(s.elem).to_lowercase(),
+                s.dq.input[0]
+            ));
+        }
+    }
+    let activation = sources
+        .iter()
+        .find(|s| !s.constant)
+        .map(|s| s.elem)
+        .or(sources.first().map(|s| s.elem))
+        .unwrap_or(DataType::Uint8 as i32);
+    if !moves && activation == DataType::Int8 as i32 {
+        return Err("int8 activation shared by several nodes: on x86 ONNX Runtime converts only \
+             unshared int8 Q/DQ pairs to uint8 and fuses no int8 activations (use uint8 activations)"
+            .into());
+    }
+    // Element-wise and pooling kernels take every input in the activations' type (MatMul, Conv and
+    // Gemm take int8 weights beside uint8 activations).
+    if !moves
+        && !matches!(op, "Conv" | "MatMul" | "Gemm")
+        && let Some(s) = sources.iter().find(|s| s.elem != activation)
+    {
+        return Err(format!(
+            "input '{}' is {}, the activations {}",
+            s.dq.input[0],
+            onnx::elem_type_name(s.elem).to_lowercase(),
+            onnx::elem_type_name(activation).to_lowercase()
+        ));
+    }
+    let outputs_q = match quantized_outputs(index, node)? {
+        Outputs::Quantized(q) => q,
+        Outputs::Kernel(k) => return Ok(k),
+    };
+    for q in &outputs_q {
+        let t = output_type(index, q);
+        if t != activation {
+            return Err(format!(
+                "input and output types differ ({} in, {} out)",
+                onnx::elem_type_name(activation).to_lowercase(),
+                onnx::elem_type_name(t).to_lowercase()
+            ));
+        }
+    }
+    if moves {
+        let dq = sources[0].dq;
+        if let Some(q) = outputs_q.iter().find(|q| !same_parameters(index, dq, q)) {
+            return Err(format!(
+                "scale or zero point of '{}' differs from its input's: the Q/DQ pair cannot be dropped",
+                q.input[0]
+            ));
+        }
+        return Ok(op.to_string());
+    }
+    if op == "Gemm" && onnx::attr_f(node, "beta", 1.0) != 1.0 {
+        return Err("Gemm beta is not 1".into());
+    }
+    Ok(fused.unwrap_or(op).to_string())
+}
+
+/// The DequantizeLinear nodes feeding `node`'s float inputs: input 0 of a data-movement op, every
+/// non-empty input of a compute op except a Conv's or Gemm's bias, which must be int32. Fails naming
+/// the first input that no DequantizeLinear produces.
+fn sources<'m>(
+    index: &'m GraphIndex,
+    node: &NodeProto,
+    moves: bool,
+) -> std::result::Result<Vec<Source<'m>>, String> {
+    let op = node.op_type();
     // Float inputs: those a data-movement op moves (input 0), or every non-empty input of a compute op.
     let data_inputs: Vec<&str> = if moves {
         node.input.iter().take(1).map(String::as_str).collect()
@@ -210,41 +285,23 @@ fn judge(index: &GraphIndex, node: &NodeProto) -> std::result::Result<String, St
         }
         sources.push(Source { dq, elem, constant });
     }
-    // MaxPool has an 8-bit kernel; the other data-movement ops move any integer type.
-    for s in sources.iter().filter(|_| !moves || op == "MaxPool") {
-        if !is_eight_bit(s.elem) {
-            let what = if s.constant { "weight" } else { "activation" };
-            return Err(format!(
-                "{} {what} '{}': ONNX Runtime's CPU kernels fuse 8-bit only",
-                onnx::elem_type_name(s.elem).to_lowercase(),
-                s.dq.input[0]
-            ));
-        }
-    }
-    let activation = sources
-        .iter()
-        .find(|s| !s.constant)
-        .map(|s| s.elem)
-        .or(sources.first().map(|s| s.elem))
-        .unwrap_or(DataType::Uint8 as i32);
-    if !moves && activation == DataType::Int8 as i32 {
-        return Err("int8 activation shared by several nodes: on x86 ONNX Runtime converts only \
-             unshared int8 Q/DQ pairs to uint8 and fuses no int8 activations (use uint8 activations)"
-            .into());
-    }
-    // Element-wise and pooling kernels take every input in the activations' type (MatMul, Conv and
-    // Gemm take int8 weights beside uint8 activations).
-    if !moves
-        && !matches!(op, "Conv" | "MatMul" | "Gemm")
-        && let Some(s) = sources.iter().find(|s| s.elem != activation)
-    {
-        return Err(format!(
-            "input '{}' is {}, the activations {}",
-            s.dq.input[0],
-            onnx::elem_type_name(s.elem).to_lowercase(),
-            onnx::elem_type_name(activation).to_lowercase()
-        ));
-    }
+    Ok(sources)
+}
+
+/// Where `node`'s outputs go: the QuantizeLinear nodes reading them all, or the kernel ONNX Runtime
+/// picks when one is read in float (MatMulIntegerToFloat, QGemm with float output).
+enum Outputs<'m> {
+    Quantized(Vec<&'m NodeProto>),
+    Kernel(String),
+}
+
+/// [`Outputs`] of `node`, or why it does not fuse (an output read in float by a node that no kernel
+/// covers, or a graph output).
+fn quantized_outputs<'m>(
+    index: &'m GraphIndex,
+    node: &NodeProto,
+) -> std::result::Result<Outputs<'m>, String> {
+    let op = node.op_type();
     // Every output must go to QuantizeLinear nodes only (a MatMul without one becomes
     // MatMulIntegerToFloat).
     let mut outputs_q = vec![];
@@ -259,7 +316,7 @@ fn judge(index: &GraphIndex, node: &NodeProto) -> std::result::Result<String, St
             // Clip (the clamp of a narrow-grid activation), as observed with ONNX Runtime 1.31.
             let clipped = consumers.iter().any(|&c| index.node(c).op_type() == "Clip");
             if op == "MatMul" && !clipped {
-                return Ok("MatMulIntegerToFloat".into());
+                return Ok(Outputs::Kernel("MatMulIntegerToFloat".into()));
             }
             // A Gemm whose output no QuantizeLinear reads becomes a QGemm with float output (not
             // before a Clip either).
@@ -267,7 +324,7 @@ fn judge(index: &GraphIndex, node: &NodeProto) -> std::result::Result<String, St
                 .iter()
                 .all(|&c| index.node(c).op_type() != "QuantizeLinear");
             if op == "Gemm" && float_only && !clipped && onnx::attr_f(node, "beta", 1.0) == 1.0 {
-                return Ok("QGemm".into());
+                return Ok(Outputs::Kernel("QGemm".into()));
             }
             let reader = consumers
                 .iter()
@@ -281,30 +338,7 @@ fn judge(index: &GraphIndex, node: &NodeProto) -> std::result::Result<String, St
         }
         outputs_q.extend(consumers.iter().map(|&c| index.node(c)));
     }
-    for q in &outputs_q {
-        let t = output_type(index, q);
-        if t != activation {
-            return Err(format!(
-                "input and output types differ ({} in, {} out)",
-                onnx::elem_type_name(activation).to_lowercase(),
-                onnx::elem_type_name(t).to_lowercase()
-            ));
-        }
-    }
-    if moves {
-        let dq = sources[0].dq;
-        if let Some(q) = outputs_q.iter().find(|q| !same_parameters(index, dq, q)) {
-            return Err(format!(
-                "scale or zero point of '{}' differs from its input's: the Q/DQ pair cannot be dropped",
-                q.input[0]
-            ));
-        }
-        return Ok(op.to_string());
-    }
-    if op == "Gemm" && onnx::attr_f(node, "beta", 1.0) != 1.0 {
-        return Err("Gemm beta is not 1".into());
-    }
-    Ok(fused.unwrap_or(op).to_string())
+    Ok(Outputs::Quantized(outputs_q))
 }
 
 /// An activation DequantizeLinear's element type as the x86 CPU provider sees it: int8 Q/DQ pairs
