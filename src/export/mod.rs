@@ -37,227 +37,27 @@ pub fn qdq_model(
             && params.bias_values.len() == plan.biases.len(),
         "internal: parameters do not match the plan"
     );
-    let src = index.graph;
-    let mut names = Names {
-        index,
-        used: HashSet::new(),
-    };
-    let mut new_inits: Vec<TensorProto> = vec![];
-    let mut head: Vec<NodeProto> = vec![];
-    // Tensor renames applied to every node input (the Q nodes read the original tensor).
-    let mut input_rename: HashMap<String, String> = HashMap::new();
-    // Per-node input renames (a shared bias duplicated for one node).
-    let mut node_input_rename: HashMap<(usize, String), String> = HashMap::new();
-    // A folded activation's producer writes the activation's output instead of its own.
-    let fold_rename: HashMap<&str, &str> = plan
-        .folded
-        .iter()
-        .map(|f| (f.upstream.as_str(), f.output.as_str()))
-        .collect();
-    // A quantized graph output is written by its final DequantizeLinear; the producer writes `<t>_QuantizeLinear_Input`.
-    let mut output_rename: HashMap<String, String> = HashMap::new();
-    let mut removed_nodes: HashSet<usize> = plan.folded.iter().map(|f| f.node).collect();
-    let mut removed_consts: HashSet<String> = HashSet::new();
     let storage = Storage::new(index, plan, params, container);
-
-    for (k, ((site, p), &bits)) in plan
-        .weights
-        .iter()
-        .zip(&params.weights)
-        .zip(&storage.weights)
-        .enumerate()
-    {
-        let c = index
-            .constant(&site.tensor)
-            .with_context(|| format!("weight '{}' is not a constant", site.tensor))?;
-        let t = c.tensor();
-        let dims = tensor_dims(t)?;
-        let values = tensor_f32(t)?;
-        let codes = params.weight_codes(k, &values, &dims);
-        let w = &site.tensor;
-        let (q, scale, zp) = (
-            names.fresh(&format!("{w}_quantized")),
-            names.fresh(&format!("{w}_scale")),
-            names.fresh(&format!("{w}_zero_point")),
-        );
-        new_inits.push(make_tensor(&q, &dims, codes_data(p, bits, &codes)));
-        new_inits.extend(scale_zp(&scale, &zp, p, bits));
-        let dq_out = names.fresh(&format!("{w}_DequantizeLinear_Output"));
-        head.push(qdq_node(
-            "DequantizeLinear",
-            &names.fresh(&format!("{w}_DequantizeLinear")),
-            [&q, &scale, &zp],
-            &dq_out,
-            p.axis,
-        ));
-        input_rename.insert(w.clone(), dq_out);
-        removed_consts.insert(w.clone());
-        if let ConstSource::ConstantNode(i, _) = c {
-            removed_nodes.insert(i);
-        }
-    }
-
-    let mut beta_reset: HashSet<usize> = HashSet::new();
-    for ((site, p), values) in plan
-        .biases
-        .iter()
-        .zip(&params.biases)
-        .zip(&params.bias_values)
-    {
-        let c = index
-            .constant(&site.tensor)
-            .with_context(|| format!("bias '{}' is not a constant", site.tensor))?;
-        if site.beta != 1.0 {
-            beta_reset.insert(site.node);
-        }
-        let b = &site.name;
-        let q = names.fresh(&format!("{b}_quantized"));
-        let (scale, zp) = (
-            names.fresh(&format!("{q}_scale")),
-            names.fresh(&format!("{q}_zero_point")),
-        );
-        new_inits.push(make_tensor(
-            &q,
-            &[values.len()],
-            TensorData::I32(quantize_bias(values, p)),
-        ));
-        new_inits.extend(scale_zp(&scale, &zp, p, 32));
-        head.push(qdq_node(
-            "DequantizeLinear",
-            &names.fresh(&format!("{b}_DequantizeLinear")),
-            [&q, &scale, &zp],
-            b,
-            p.axis,
-        ));
-        if *b != site.tensor {
-            node_input_rename.insert((site.node, site.tensor.clone()), b.clone());
-        }
-        removed_consts.insert(site.tensor.clone());
-        if let ConstSource::ConstantNode(i, _) = c {
-            removed_nodes.insert(i);
-        }
-    }
-
-    // Activation Q/DQ pairs, emitted after the tensor's producer (or first, for graph inputs).
-    // A site sharing another's parameters reads that site's scale and zero point initializers.
-    let mut after: HashMap<String, Vec<NodeProto>> = HashMap::new();
-    let mut param_names: Vec<(String, String)> = Vec::with_capacity(plan.activations.len());
-    for (((site, p), &bits), &clip) in plan
-        .activations
-        .iter()
-        .zip(&params.activations)
-        .zip(&storage.acts)
-        .zip(&storage.clipped)
-    {
-        let t = &site.tensor;
-        let (scale, zp) = match site.range {
-            RangeSource::SameAs(j) => param_names[j].clone(),
-            _ => {
-                let names = (
-                    names.fresh(&format!("{t}_scale")),
-                    names.fresh(&format!("{t}_zero_point")),
-                );
-                new_inits.extend(scale_zp(&names.0, &names.1, p, bits));
-                names
-            }
-        };
-        param_names.push((scale.clone(), zp.clone()));
-        let q_out = names.fresh(&format!("{t}_QuantizeLinear_Output"));
-        let (q_in, dq_out) = if index.is_graph_output(t) {
-            let q_in = names.fresh(&format!("{t}_QuantizeLinear_Input"));
-            output_rename.insert(t.clone(), q_in.clone());
-            (q_in, t.clone())
-        } else {
-            let dq_out = names.fresh(&format!("{t}_DequantizeLinear_Output"));
-            input_rename.insert(t.clone(), dq_out.clone());
-            (t.clone(), dq_out)
-        };
-        let mut pair = vec![];
-        // A grid narrower than its 8-bit container: clip first, so QuantizeLinear's saturation lands
-        // on the narrow grid's ends.
-        let q_in = if clip {
-            let (lo, hi) = (
-                (p.grid.qmin() - p.zero_point[0]) as f32 * p.scale[0],
-                (p.grid.qmax() - p.zero_point[0]) as f32 * p.scale[0],
-            );
-            let (lo_name, hi_name) = (
-                names.fresh(&format!("{t}_clip_min")),
-                names.fresh(&format!("{t}_clip_max")),
-            );
-            new_inits.push(make_tensor(&lo_name, &[], TensorData::F32(vec![lo])));
-            new_inits.push(make_tensor(&hi_name, &[], TensorData::F32(vec![hi])));
-            let clipped = names.fresh(&format!("{t}_Clip_Output"));
-            pair.push(NodeProto {
-                op_type: Some("Clip".into()),
-                name: Some(names.fresh(&format!("{t}_Clip"))),
-                input: vec![q_in, lo_name, hi_name],
-                output: vec![clipped.clone()],
-                ..Default::default()
-            });
-            clipped
-        } else {
-            q_in
-        };
-        pair.push(qdq_node(
-            "QuantizeLinear",
-            &names.fresh(&format!("{t}_QuantizeLinear")),
-            [&q_in, &scale, &zp],
-            &q_out,
-            None,
-        ));
-        pair.push(qdq_node(
-            "DequantizeLinear",
-            &names.fresh(&format!("{t}_DequantizeLinear")),
-            [&q_out, &scale, &zp],
-            &dq_out,
-            None,
-        ));
-        if index.producer(t).is_some() {
-            after.entry(t.clone()).or_default().extend(pair);
-        } else {
-            head.extend(pair);
-        }
-    }
-
-    let mut nodes = head;
-    for &i in &index.order {
-        if removed_nodes.contains(&i) {
-            continue;
-        }
-        let mut node = src.node[i].clone();
-        for inp in node.input.iter_mut().filter(|s| !s.is_empty()) {
-            if let Some(r) = node_input_rename.get(&(i, inp.clone())) {
-                *inp = r.clone();
-            } else if let Some(r) = input_rename.get(inp.as_str()) {
-                *inp = r.clone();
-            }
-        }
-        let mut site_outputs = vec![];
-        for out in node.output.iter_mut().filter(|s| !s.is_empty()) {
-            if let Some(&r) = fold_rename.get(out.as_str()) {
-                *out = r.to_string();
-            }
-            site_outputs.push(out.clone());
-            if let Some(r) = output_rename.get(out.as_str()) {
-                *out = r.clone();
-            }
-        }
-        if beta_reset.contains(&i) {
-            set_float_attr(&mut node, "beta", 1.0);
-        }
-        nodes.push(node);
-        for t in site_outputs {
-            if let Some(pair) = after.remove(&t) {
-                nodes.extend(pair);
-            }
-        }
-    }
-    ensure!(
-        after.is_empty(),
-        "internal: Q/DQ for tensors without a producer: {:?}",
-        after.keys().collect::<Vec<_>>()
-    );
-
+    let mut e = Emit {
+        index,
+        names: Names {
+            index,
+            used: HashSet::new(),
+        },
+        new_inits: vec![],
+        head: vec![],
+        input_rename: HashMap::new(),
+        node_input_rename: HashMap::new(),
+        output_rename: HashMap::new(),
+        removed_nodes: plan.folded.iter().map(|f| f.node).collect(),
+        removed_consts: HashSet::new(),
+        beta_reset: HashSet::new(),
+        after: HashMap::new(),
+    };
+    e.weights(plan, params, &storage)?;
+    e.biases(plan, params)?;
+    e.activations(plan, params, &storage);
+    let (nodes, removed_consts, new_inits) = e.nodes(plan)?;
     let mut model = index.model.clone();
     let graph = model.graph.as_mut().context("model has no graph")?;
     graph.node = nodes;
@@ -295,6 +95,263 @@ pub fn qdq_model(
     GraphIndex::new(&model).context("internal: the exported graph is malformed")?;
     let warnings = storage.fusion_warnings();
     Ok(Exported { model, warnings })
+}
+
+/// The QDQ graph under construction: new initializers and the nodes before the first original one,
+/// and what the original nodes become (renamed inputs and outputs, removed nodes and constants,
+/// Q/DQ pairs after a tensor's producer).
+struct Emit<'a, 'm> {
+    index: &'a GraphIndex<'m>,
+    names: Names<'a, 'm>,
+    new_inits: Vec<TensorProto>,
+    head: Vec<NodeProto>,
+    /// Tensor renames applied to every node input (the Q nodes read the original tensor).
+    input_rename: HashMap<String, String>,
+    /// Per-node input renames (a shared bias duplicated for one node).
+    node_input_rename: HashMap<(usize, String), String>,
+    /// A quantized graph output is written by its final DequantizeLinear; the producer writes
+    /// `<t>_QuantizeLinear_Input`.
+    output_rename: HashMap<String, String>,
+    removed_nodes: HashSet<usize>,
+    removed_consts: HashSet<String>,
+    /// Gemm nodes whose beta moved into their quantized bias.
+    beta_reset: HashSet<usize>,
+    /// Activation Q/DQ pairs, emitted after the tensor's producer.
+    after: HashMap<String, Vec<NodeProto>>,
+}
+
+impl Emit<'_, '_> {
+    /// Each weight as codes behind a lone DequantizeLinear.
+    fn weights(&mut self, plan: &QuantPlan, params: &Params, storage: &Storage) -> Result<()> {
+        let index = self.index;
+        for (k, ((site, p), &bits)) in plan
+            .weights
+            .iter()
+            .zip(&params.weights)
+            .zip(&storage.weights)
+            .enumerate()
+        {
+            let c = index
+                .constant(&site.tensor)
+                .with_context(|| format!("weight '{}' is not a constant", site.tensor))?;
+            let t = c.tensor();
+            let dims = tensor_dims(t)?;
+            let values = tensor_f32(t)?;
+            let codes = params.weight_codes(k, &values, &dims);
+            let w = &site.tensor;
+            let (q, scale, zp) = (
+                self.names.fresh(&format!("{w}_quantized")),
+                self.names.fresh(&format!("{w}_scale")),
+                self.names.fresh(&format!("{w}_zero_point")),
+            );
+            self.new_inits
+                .push(make_tensor(&q, &dims, codes_data(p, bits, &codes)));
+            self.new_inits.extend(scale_zp(&scale, &zp, p, bits));
+            let dq_out = self.names.fresh(&format!("{w}_DequantizeLinear_Output"));
+            self.head.push(qdq_node(
+                "DequantizeLinear",
+                &self.names.fresh(&format!("{w}_DequantizeLinear")),
+                [&q, &scale, &zp],
+                &dq_out,
+                p.axis,
+            ));
+            self.input_rename.insert(w.clone(), dq_out);
+            self.removed_consts.insert(w.clone());
+            if let ConstSource::ConstantNode(i, _) = c {
+                self.removed_nodes.insert(i);
+            }
+        }
+
+        Ok(())
+    }
+
+    /// Each bias as int32 codes behind a DequantizeLinear (a Gemm's beta folded in).
+    fn biases(&mut self, plan: &QuantPlan, params: &Params) -> Result<()> {
+        let index = self.index;
+        for ((site, p), values) in plan
+            .biases
+            .iter()
+            .zip(&params.biases)
+            .zip(&params.bias_values)
+        {
+            let c = index
+                .constant(&site.tensor)
+                .with_context(|| format!("bias '{}' is not a constant", site.tensor))?;
+            if site.beta != 1.0 {
+                self.beta_reset.insert(site.node);
+            }
+            let b = &site.name;
+            let q = self.names.fresh(&format!("{b}_quantized"));
+            let (scale, zp) = (
+                self.names.fresh(&format!("{q}_scale")),
+                self.names.fresh(&format!("{q}_zero_point")),
+            );
+            self.new_inits.push(make_tensor(
+                &q,
+                &[values.len()],
+                TensorData::I32(quantize_bias(values, p)),
+            ));
+            self.new_inits.extend(scale_zp(&scale, &zp, p, 32));
+            self.head.push(qdq_node(
+                "DequantizeLinear",
+                &self.names.fresh(&format!("{b}_DequantizeLinear")),
+                [&q, &scale, &zp],
+                b,
+                p.axis,
+            ));
+            if *b != site.tensor {
+                self.node_input_rename
+                    .insert((site.node, site.tensor.clone()), b.clone());
+            }
+            self.removed_consts.insert(site.tensor.clone());
+            if let ConstSource::ConstantNode(i, _) = c {
+                self.removed_nodes.insert(i);
+            }
+        }
+
+        Ok(())
+    }
+
+    /// Activation Q/DQ pairs, emitted after the tensor's producer (or first, for graph inputs). A
+    /// site sharing another's parameters reads that site's scale and zero point initializers.
+    fn activations(&mut self, plan: &QuantPlan, params: &Params, storage: &Storage) {
+        let index = self.index;
+        let mut param_names: Vec<(String, String)> = Vec::with_capacity(plan.activations.len());
+        for (((site, p), &bits), &clip) in plan
+            .activations
+            .iter()
+            .zip(&params.activations)
+            .zip(&storage.acts)
+            .zip(&storage.clipped)
+        {
+            let t = &site.tensor;
+            let (scale, zp) = match site.range {
+                RangeSource::SameAs(j) => param_names[j].clone(),
+                _ => {
+                    let fresh = (
+                        self.names.fresh(&format!("{t}_scale")),
+                        self.names.fresh(&format!("{t}_zero_point")),
+                    );
+                    self.new_inits.extend(scale_zp(&fresh.0, &fresh.1, p, bits));
+                    fresh
+                }
+            };
+            param_names.push((scale.clone(), zp.clone()));
+            let q_out = self.names.fresh(&format!("{t}_QuantizeLinear_Output"));
+            let (q_in, dq_out) = if index.is_graph_output(t) {
+                let q_in = self.names.fresh(&format!("{t}_QuantizeLinear_Input"));
+                self.output_rename.insert(t.clone(), q_in.clone());
+                (q_in, t.clone())
+            } else {
+                let dq_out = self.names.fresh(&format!("{t}_DequantizeLinear_Output"));
+                self.input_rename.insert(t.clone(), dq_out.clone());
+                (t.clone(), dq_out)
+            };
+            let mut pair = vec![];
+            // A grid narrower than its 8-bit container: clip first, so QuantizeLinear's saturation lands
+            // on the narrow grid's ends.
+            let q_in = if clip {
+                let (lo, hi) = (
+                    (p.grid.qmin() - p.zero_point[0]) as f32 * p.scale[0],
+                    (p.grid.qmax() - p.zero_point[0]) as f32 * p.scale[0],
+                );
+                let (lo_name, hi_name) = (
+                    self.names.fresh(&format!("{t}_clip_min")),
+                    self.names.fresh(&format!("{t}_clip_max")),
+                );
+                self.new_inits
+                    .push(make_tensor(&lo_name, &[], TensorData::F32(vec![lo])));
+                self.new_inits
+                    .push(make_tensor(&hi_name, &[], TensorData::F32(vec![hi])));
+                let clipped = self.names.fresh(&format!("{t}_Clip_Output"));
+                pair.push(NodeProto {
+                    op_type: Some("Clip".into()),
+                    name: Some(self.names.fresh(&format!("{t}_Clip"))),
+                    input: vec![q_in, lo_name, hi_name],
+                    output: vec![clipped.clone()],
+                    ..Default::default()
+                });
+                clipped
+            } else {
+                q_in
+            };
+            pair.push(qdq_node(
+                "QuantizeLinear",
+                &self.names.fresh(&format!("{t}_QuantizeLinear")),
+                [&q_in, &scale, &zp],
+                &q_out,
+                None,
+            ));
+            pair.push(qdq_node(
+                "DequantizeLinear",
+                &self.names.fresh(&format!("{t}_DequantizeLinear")),
+                [&q_out, &scale, &zp],
+                &dq_out,
+                None,
+            ));
+            if index.producer(t).is_some() {
+                self.after.entry(t.clone()).or_default().extend(pair);
+            } else {
+                self.head.extend(pair);
+            }
+        }
+    }
+
+    /// The graph's nodes in order, renamed, each followed by its outputs' Q/DQ pairs; with the
+    /// constants to remove and the initializers to add.
+    fn nodes(
+        mut self,
+        plan: &QuantPlan,
+    ) -> Result<(Vec<NodeProto>, HashSet<String>, Vec<TensorProto>)> {
+        let index = self.index;
+        let src = index.graph;
+        // A folded activation's producer writes the activation's output instead of its own.
+        let fold_rename: HashMap<&str, &str> = plan
+            .folded
+            .iter()
+            .map(|f| (f.upstream.as_str(), f.output.as_str()))
+            .collect();
+        let mut nodes = std::mem::take(&mut self.head);
+        for &i in &index.order {
+            if self.removed_nodes.contains(&i) {
+                continue;
+            }
+            let mut node = src.node[i].clone();
+            for inp in node.input.iter_mut().filter(|s| !s.is_empty()) {
+                if let Some(r) = self.node_input_rename.get(&(i, inp.clone())) {
+                    *inp = r.clone();
+                } else if let Some(r) = self.input_rename.get(inp.as_str()) {
+                    *inp = r.clone();
+                }
+            }
+            let mut site_outputs = vec![];
+            for out in node.output.iter_mut().filter(|s| !s.is_empty()) {
+                if let Some(&r) = fold_rename.get(out.as_str()) {
+                    *out = r.to_string();
+                }
+                site_outputs.push(out.clone());
+                if let Some(r) = self.output_rename.get(out.as_str()) {
+                    *out = r.clone();
+                }
+            }
+            if self.beta_reset.contains(&i) {
+                set_float_attr(&mut node, "beta", 1.0);
+            }
+            nodes.push(node);
+            for t in site_outputs {
+                if let Some(pair) = self.after.remove(&t) {
+                    nodes.extend(pair);
+                }
+            }
+        }
+        ensure!(
+            self.after.is_empty(),
+            "internal: Q/DQ for tensors without a producer: {:?}",
+            self.after.keys().collect::<Vec<_>>()
+        );
+
+        Ok((nodes, self.removed_consts, self.new_inits))
+    }
 }
 
 fn set_float_attr(node: &mut NodeProto, name: &str, value: f32) {
