@@ -87,6 +87,16 @@ enum Shape {
     },
 }
 
+/// A layer's weight codes (shape `dims`) and the scales that turn its integer sums into output.
+struct Codes<'a> {
+    dims: &'a [usize],
+    codes: &'a [i64],
+    /// The activation's zero point (plus 128 for int8 activations, as x86 kernels shift them).
+    offset: f32,
+    x_scale: f32,
+    out_scale: Vec<f32>,
+}
+
 impl Layer {
     fn of(index: &GraphIndex, node: &NodeProto) -> Result<Layer> {
         let op = node.op_type();
@@ -151,28 +161,60 @@ impl Layer {
         );
         let out_scale: Vec<f32> = (0..columns).map(scale_of).collect();
         let offset = (x_zero[0] + shift) as f32;
-        if op != "Conv" {
-            let (k, n) = if trans_b {
-                (dims[1], dims[0])
-            } else {
-                (dims[0], dims[1])
-            };
-            let matrix = (0..k * n)
-                .map(|i| {
-                    let (r, c) = (i / n, i % n);
-                    codes[if trans_b { c * k + r } else { i }] as f32
-                })
-                .collect();
-            return Ok(Layer {
-                offset,
-                x_scale: x_scale[0],
-                shape: Shape::Dense,
-                weights: vec![matrix],
-                k,
-                n,
-                out_scale,
-            });
+        let codes = Codes {
+            dims: &dims,
+            codes: &codes,
+            offset,
+            x_scale: x_scale[0],
+            out_scale,
+        };
+        if op == "Conv" {
+            Layer::conv(node, codes)
+        } else {
+            Ok(Layer::dense(codes, trans_b))
         }
+    }
+
+    /// A Gemm's or MatMul's layer: the weight codes as one `k x n` matrix.
+    fn dense(c: Codes, trans_b: bool) -> Layer {
+        let Codes {
+            dims,
+            codes,
+            offset,
+            x_scale,
+            out_scale,
+        } = c;
+        let (k, n) = if trans_b {
+            (dims[1], dims[0])
+        } else {
+            (dims[0], dims[1])
+        };
+        let matrix = (0..k * n)
+            .map(|i| {
+                let (r, c) = (i / n, i % n);
+                codes[if trans_b { c * k + r } else { i }] as f32
+            })
+            .collect();
+        Layer {
+            offset,
+            x_scale,
+            shape: Shape::Dense,
+            weights: vec![matrix],
+            k,
+            n,
+            out_scale,
+        }
+    }
+
+    /// A Conv's layer: one `k x n` matrix per group, rows in (tap, input channel) order.
+    fn conv(node: &NodeProto, c: Codes) -> Result<Layer> {
+        let Codes {
+            dims,
+            codes,
+            offset,
+            x_scale,
+            out_scale,
+        } = c;
         ensure!(dims.len() >= 3, "Conv weight of shape {dims:?}");
         if let Some(pad) = onnx::attr_s(node, "auto_pad")
             && !matches!(pad, b"NOTSET" | b"VALID" | b"")
@@ -209,7 +251,7 @@ impl Layer {
             .collect();
         Ok(Layer {
             offset,
-            x_scale: x_scale[0],
+            x_scale,
             shape: Shape::Conv {
                 strides: per("strides", 1, rank)?,
                 dilations: per("dilations", 1, rank)?,
