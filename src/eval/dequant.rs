@@ -86,57 +86,15 @@ pub fn dequantized(model: &ModelProto) -> Result<ModelProto> {
                     .map(|p| index.node(p))
                     .filter(|q| q.op_type() == "QuantizeLinear")
                 {
-                    let qlabel = onnx::node_label(q);
-                    let (qscale, qzero) = params(&index, q)?;
-                    ensure!(
-                        qscale.len() == 1 && scale.len() == 1,
-                        "node {qlabel}: per-axis quantization of the activation '{}' is not supported",
-                        q.input[0]
-                    );
-                    let (lo, hi) = type_range(quantized_type(&index, q)?)
-                        .with_context(|| format!("node {qlabel}"))?;
-                    let mut scalar = |base: &str, v: f32| {
-                        let name = names.fresh(&format!("{y}_{base}"));
-                        inits.push(onnx::make_tensor(&name, &[], TensorData::F32(vec![v])));
-                        name
-                    };
-                    let consts = [
-                        scalar("qscale", qscale[0]),
-                        scalar("qzero", qzero[0] as f32),
-                        scalar("qmin", lo as f32),
-                        scalar("qmax", hi as f32),
-                        scalar("zero", zero[0] as f32),
-                        scalar("scale", scale[0]),
-                    ];
-                    let steps = [
-                        ("Div", 0),
-                        ("Round", usize::MAX),
-                        ("Add", 1),
-                        ("Max", 2),
-                        ("Min", 3),
-                        ("Sub", 4),
-                        ("Mul", 5),
-                    ];
-                    let mut value = q.input[0].clone();
-                    for (k, (step, c)) in steps.iter().enumerate() {
-                        let out = if k + 1 == steps.len() {
-                            y.clone()
-                        } else {
-                            names.fresh(&format!("{y}_{step}"))
-                        };
-                        let mut inputs = vec![value];
-                        if let Some(c) = consts.get(*c) {
-                            inputs.push(c.clone());
-                        }
-                        nodes.push(NodeProto {
-                            name: Some(names.fresh(&format!("{y}_{step}"))),
-                            op_type: Some(step.to_string()),
-                            input: inputs,
-                            output: vec![out.clone()],
-                            ..Default::default()
-                        });
-                        value = out;
-                    }
+                    fake_quant(
+                        &index,
+                        q,
+                        (&scale, &zero),
+                        y,
+                        &mut names,
+                        &mut nodes,
+                        &mut inits,
+                    )?;
                 } else {
                     bail!(
                         "node {label}: DequantizeLinear of '{x}', which neither a constant nor a \
@@ -167,6 +125,72 @@ pub fn dequantized(model: &ModelProto) -> Result<ModelProto> {
         crate::export::opset::raise_default_opset(&mut out, 11, "Round")?;
     }
     Ok(out)
+}
+
+/// The float arithmetic of the pair `q` -> DequantizeLinear (scale and zero point `dq`) writing `y`:
+/// Div, Round, Add, Max, Min, Sub, Mul, with their scalar constants.
+fn fake_quant(
+    index: &GraphIndex,
+    q: &NodeProto,
+    dq: (&[f32], &[i64]),
+    y: &str,
+    names: &mut onnx::Names,
+    nodes: &mut Vec<NodeProto>,
+    inits: &mut Vec<TensorProto>,
+) -> Result<()> {
+    let (scale, zero) = dq;
+    let qlabel = onnx::node_label(q);
+    let (qscale, qzero) = params(index, q)?;
+    ensure!(
+        qscale.len() == 1 && scale.len() == 1,
+        "node {qlabel}: per-axis quantization of the activation '{}' is not supported",
+        q.input[0]
+    );
+    let (lo, hi) =
+        type_range(quantized_type(index, q)?).with_context(|| format!("node {qlabel}"))?;
+    let mut scalar = |base: &str, v: f32| {
+        let name = names.fresh(&format!("{y}_{base}"));
+        inits.push(onnx::make_tensor(&name, &[], TensorData::F32(vec![v])));
+        name
+    };
+    let consts = [
+        scalar("qscale", qscale[0]),
+        scalar("qzero", qzero[0] as f32),
+        scalar("qmin", lo as f32),
+        scalar("qmax", hi as f32),
+        scalar("zero", zero[0] as f32),
+        scalar("scale", scale[0]),
+    ];
+    let steps = [
+        ("Div", 0),
+        ("Round", usize::MAX),
+        ("Add", 1),
+        ("Max", 2),
+        ("Min", 3),
+        ("Sub", 4),
+        ("Mul", 5),
+    ];
+    let mut value = q.input[0].clone();
+    for (k, (step, c)) in steps.iter().enumerate() {
+        let out = if k + 1 == steps.len() {
+            y.to_string()
+        } else {
+            names.fresh(&format!("{y}_{step}"))
+        };
+        let mut inputs = vec![value];
+        if let Some(c) = consts.get(*c) {
+            inputs.push(c.clone());
+        }
+        nodes.push(NodeProto {
+            name: Some(names.fresh(&format!("{y}_{step}"))),
+            op_type: Some(step.to_string()),
+            input: inputs,
+            output: vec![out.clone()],
+            ..Default::default()
+        });
+        value = out;
+    }
+    Ok(())
 }
 
 fn input(node: &NodeProto, k: usize) -> Option<&str> {
