@@ -97,6 +97,21 @@ struct Codes<'a> {
     out_scale: Vec<f32>,
 }
 
+impl Codes<'_> {
+    /// The layer of these codes' scales, with its weight matrices (`k x n` each).
+    fn layer(self, shape: Shape, weights: Vec<Vec<f32>>, k: usize, n: usize) -> Layer {
+        Layer {
+            offset: self.offset,
+            x_scale: self.x_scale,
+            shape,
+            weights,
+            k,
+            n,
+            out_scale: self.out_scale,
+        }
+    }
+}
+
 impl Layer {
     fn of(index: &GraphIndex, node: &NodeProto) -> Result<Layer> {
         let op = node.op_type();
@@ -177,13 +192,7 @@ impl Layer {
 
     /// A Gemm's or MatMul's layer: the weight codes as one `k x n` matrix.
     fn dense(c: Codes, trans_b: bool) -> Layer {
-        let Codes {
-            dims,
-            codes,
-            offset,
-            x_scale,
-            out_scale,
-        } = c;
+        let (dims, codes) = (c.dims, c.codes);
         let (k, n) = if trans_b {
             (dims[1], dims[0])
         } else {
@@ -195,26 +204,12 @@ impl Layer {
                 codes[if trans_b { c * k + r } else { i }] as f32
             })
             .collect();
-        Layer {
-            offset,
-            x_scale,
-            shape: Shape::Dense,
-            weights: vec![matrix],
-            k,
-            n,
-            out_scale,
-        }
+        c.layer(Shape::Dense, vec![matrix], k, n)
     }
 
     /// A Conv's layer: one `k x n` matrix per group, rows in (tap, input channel) order.
     fn conv(node: &NodeProto, c: Codes) -> Result<Layer> {
-        let Codes {
-            dims,
-            codes,
-            offset,
-            x_scale,
-            out_scale,
-        } = c;
+        let (dims, codes) = (c.dims, c.codes);
         ensure!(dims.len() >= 3, "Conv weight of shape {dims:?}");
         if let Some(pad) = onnx::attr_s(node, "auto_pad")
             && !matches!(pad, b"NOTSET" | b"VALID" | b"")
@@ -249,21 +244,14 @@ impl Layer {
                 m
             })
             .collect();
-        Ok(Layer {
-            offset,
-            x_scale,
-            shape: Shape::Conv {
-                strides: per("strides", 1, rank)?,
-                dilations: per("dilations", 1, rank)?,
-                pads: per("pads", 0, 2 * rank)?,
-                kernel,
-                channels: cg,
-            },
-            weights,
-            k,
-            n,
-            out_scale,
-        })
+        let shape = Shape::Conv {
+            strides: per("strides", 1, rank)?,
+            dilations: per("dilations", 1, rank)?,
+            pads: per("pads", 0, 2 * rank)?,
+            kernel,
+            channels: cg,
+        };
+        Ok(c.layer(shape, weights, k, n))
     }
 
     /// Nodes computing `y` from the layer's float input `x` and its exact float output `exact`.
