@@ -325,3 +325,80 @@ fn nodes_named_like_their_initializers_quantize_with_every_method() {
         }
     }
 }
+
+/// The README says exported names follow ONNX Runtime's: with ONNX Runtime's own placement
+/// (`--quantize-fragile`), MinMax, per-channel and 8-bit weights, every node (op type, name, inputs,
+/// outputs, attributes) and every initializer (name, type, shape) equals what `quantize_static` wrote
+/// for the same fixture (`fixtures/ort_reference_names.txt`, from `scripts/dump_ort_names.py`).
+#[test]
+fn exported_names_match_onnx_runtimes_reference() {
+    let reference = std::fs::read_to_string(fixture("ort_reference_names.txt")).unwrap();
+    let sections: Vec<&str> = reference
+        .split("# ONNX Runtime quantize_static output for ")
+        .skip(1)
+        .collect();
+    assert!(
+        sections.len() >= 3,
+        "reference sections: {}",
+        sections.len()
+    );
+    let dir = tempdir();
+    for section in sections {
+        let name = section.lines().next().unwrap().trim();
+        let (model, calib) = (
+            fixture(name).join("model.onnx"),
+            fixture(name).join("calib.npz"),
+        );
+        let out = dir.path().join(format!("{name}.onnx"));
+        quantize(
+            &model,
+            &out,
+            &calib,
+            &[
+                "--quiet",
+                "--method",
+                "minmax",
+                "--rounding",
+                "nearest",
+                "--target",
+                "x86-vnni",
+                "--quantize-fragile",
+            ],
+        );
+        check_qdq(&model, &out, &calib, "metrics_only", "");
+        let listing = dir.path().join(format!("{name}.txt"));
+        std::fs::write(&listing, section).unwrap();
+        let differences = crate::py_output(
+            "import sys, onnx\n\
+             from onnx import helper, numpy_helper\n\
+             ref = open(sys.argv[2]).read()\n\
+             part = lambda a, b: {l.strip() for l in ref.split(a)[1].split(b)[0].splitlines()[1:] if l.strip()}\n\
+             nodes = part('## nodes', '## initializers')\n\
+             inits = part('## initializers', '\\n\\n#')\n\
+             m = onnx.load(sys.argv[1])\n\
+             def line(n):\n\
+             \x20   attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}\n\
+             \x20   return f\"{n.op_type} {n.name!r} ({', '.join(n.input)}) -> ({', '.join(n.output)})\" + (f' {attrs}' if attrs else '')\n\
+             mine = {line(n) for n in m.graph.node}\n\
+             arrays = [(t.name, numpy_helper.to_array(t)) for t in m.graph.initializer]\n\
+             mine_inits = {f'{n} {a.dtype} {list(a.shape)}' for n, a in arrays}\n\
+             for tag, a, b in (('node', nodes, mine), ('initializer', inits, mine_inits)):\n\
+             \x20   for l in sorted(a - b): print(f'ONNX Runtime only {tag}: {l}')\n\
+             \x20   for l in sorted(b - a): print(f'lapq only {tag}: {l}')\n\
+             print(len(nodes), len(inits))\n",
+            &[&out, &listing],
+        );
+        let mut lines: Vec<&str> = differences.lines().collect();
+        let counts = lines.pop().unwrap_or_default();
+        assert!(
+            lines.is_empty(),
+            "{name}: names differ from ONNX Runtime's:\n{}",
+            lines.join("\n")
+        );
+        let (nodes, inits) = counts.split_once(' ').unwrap();
+        assert!(
+            nodes.parse::<usize>().unwrap() > 5 && inits.parse::<usize>().unwrap() > 5,
+            "{name}: the reference lists {nodes} nodes and {inits} initializers"
+        );
+    }
+}
