@@ -106,33 +106,14 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
     let minmax_loss = eval(&oracle, &c.params)?;
     bar.set_message(format!("loss {minmax_loss:.4} (minmax)"));
 
-    let p_grid = calib::p_grid(P_RANGE.0, P_RANGE.1, P_POINTS);
-    let mut inits = vec![];
-    let mut p_losses = vec![];
-    for &p in &p_grid {
-        let params = lp_init(&oracle, &c.plan, &weights, biases, p, &c.params)?;
-        let loss = eval(&oracle, &params)?;
-        bar.set_message(format!(
-            "p {p:.2}: loss {loss:.4} (minmax {minmax_loss:.4})"
-        ));
-        p_losses.push(loss);
-        inits.push(params);
-    }
-    let fit = calib::fit_p(&p_grid, &p_losses);
-    let (mut p_used, mut init_loss, mut init) = p_grid
-        .iter()
-        .zip(&p_losses)
-        .zip(&inits)
-        .min_by(|a, b| a.0.1.total_cmp(b.0.1))
-        .map(|((&p, &l), params)| (p, l, params.clone()))
-        .context("empty p grid")?;
-    if !fit.guarded {
-        let params = lp_init(&oracle, &c.plan, &weights, biases, fit.p_star, &c.params)?;
-        let loss = eval(&oracle, &params)?;
-        if loss < init_loss {
-            (p_used, init_loss, init) = (fit.p_star, loss, params);
-        }
-    }
+    let (p_grid, p_losses, fit, p_used, init_loss, init) = lp_stage(
+        &oracle,
+        c,
+        &weights,
+        &mut eval,
+        |m| bar.set_message(m),
+        minmax_loss,
+    )?;
     lap("lp init and p fit", &mut seconds);
 
     let optimised: Vec<String> = coords.iter().map(|k| k.name(&c.plan)).collect();
@@ -203,6 +184,48 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
             seconds,
         },
     ))
+}
+
+/// LAPQ's initialisation: the layer-wise Lp parameters at every p of the grid and their losses, the
+/// parabola fit over p, and the best of the grid and p* (when the fit is not guarded):
+/// `(grid, losses, fit, p used, its loss, its parameters)`.
+#[allow(clippy::type_complexity)]
+fn lp_stage(
+    oracle: &Oracle,
+    c: &Calibrated,
+    weights: &WeightValues,
+    eval: &mut impl FnMut(&Oracle, &Params) -> Result<f64>,
+    message: impl Fn(String),
+    minmax_loss: f64,
+) -> Result<(Vec<f64>, Vec<f64>, calib::PFit, f64, f64, Params)> {
+    let p_grid = calib::p_grid(P_RANGE.0, P_RANGE.1, P_POINTS);
+    let mut inits = vec![];
+    let mut p_losses = vec![];
+    for &p in &p_grid {
+        let params = lp_init(oracle, &c.plan, weights, &c.biases, p, &c.params)?;
+        let loss = eval(oracle, &params)?;
+        message(format!(
+            "p {p:.2}: loss {loss:.4} (minmax {minmax_loss:.4})"
+        ));
+        p_losses.push(loss);
+        inits.push(params);
+    }
+    let fit = calib::fit_p(&p_grid, &p_losses);
+    let (mut p_used, mut init_loss, mut init) = p_grid
+        .iter()
+        .zip(&p_losses)
+        .zip(&inits)
+        .min_by(|a, b| a.0.1.total_cmp(b.0.1))
+        .map(|((&p, &l), params)| (p, l, params.clone()))
+        .context("empty p grid")?;
+    if !fit.guarded {
+        let params = lp_init(oracle, &c.plan, weights, &c.biases, fit.p_star, &c.params)?;
+        let loss = eval(oracle, &params)?;
+        if loss < init_loss {
+            (p_used, init_loss, init) = (fit.p_star, loss, params);
+        }
+    }
+    Ok((p_grid, p_losses, fit, p_used, init_loss, init))
 }
 
 /// One coordinate of the joint search: a multiplier on one site's clipping range.

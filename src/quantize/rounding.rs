@@ -264,13 +264,7 @@ fn round_weights(
     Vec<LayerRounding>,
     Vec<(usize, WindowMeans, WindowMeans)>,
 )> {
-    let one_shape = c.samples.iter().all(|s| {
-        s.inputs.len() == c.samples[0].inputs.len()
-            && s.inputs
-                .iter()
-                .zip(&c.samples[0].inputs)
-                .all(|(a, b)| a.dims == b.dims)
-    });
+    let one_shape = same_shapes(&c.samples);
     // Progress in multiply-adds of one step: values times columns.
     let total = jobs.iter().map(|j| (j.w.len() * j.gram.k) as u64).sum();
     let bar = crate::progress::bar(total, "rounding", "units", progress);
@@ -312,18 +306,8 @@ fn round_weights(
                             update.weights.push((job.k, values.clone()));
                             let means = match (&job.bias, means) {
                                 (Some((b, base)), Some((q, f))) => {
-                                    let mut w_hat = values.to_vec();
-                                    job.p.fake_quant_in_place(&mut w_hat, &job.dims);
-                                    let shift = reconstruction_shift(
-                                        &job.window,
-                                        &job.dims,
-                                        &job.w,
-                                        &w_hat,
-                                        &q,
-                                        &f,
-                                    );
-                                    let bias = base.iter().zip(&shift).map(|(v, s)| v + s);
-                                    update.biases.push((*b, bias.collect()));
+                                    let bias = reconstructed_bias(job, base, &values, &q, &f);
+                                    update.biases.push((*b, bias));
                                     Some((*b, q, f))
                                 }
                                 _ => None,
@@ -375,6 +359,32 @@ fn round_weights(
         means.extend(m);
     }
     Ok((values, layers, means))
+}
+
+/// Whether every sample's inputs have the first sample's shapes (the paired pass needs it).
+fn same_shapes(samples: &[crate::data::Sample]) -> bool {
+    samples.iter().all(|s| {
+        s.inputs.len() == samples[0].inputs.len()
+            && s.inputs
+                .iter()
+                .zip(&samples[0].inputs)
+                .all(|(a, b)| a.dims == b.dims)
+    })
+}
+
+/// The bias of a reconstructed layer with rounded values `values`: its float bias `base` plus the
+/// output shift `W E[x] - W~ E[x~]` over the window means `quantized` and `float`.
+fn reconstructed_bias(
+    job: &Job,
+    base: &[f32],
+    values: &[f32],
+    quantized: &WindowMeans,
+    float: &WindowMeans,
+) -> Vec<f32> {
+    let mut w_hat = values.to_vec();
+    job.p.fake_quant_in_place(&mut w_hat, &job.dims);
+    let shift = reconstruction_shift(&job.window, &job.dims, &job.w, &w_hat, quantized, float);
+    base.iter().zip(&shift).map(|(v, s)| v + s).collect()
 }
 
 /// Rounds `job`'s weight alone, on its float input's Gram matrix.

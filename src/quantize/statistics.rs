@@ -54,32 +54,7 @@ pub fn observe(
             ));
         }
     }
-    // (weight site, tap, window, kernel) of every weight that rounds with error feedback, in plan
-    // order while their Gram matrices fit the budget (the rest round to nearest).
-    let mut gram_layers = vec![];
-    let mut gram_bytes = 0usize;
-    for (k, site) in plan.weights.iter().enumerate() {
-        let Some((node, window)) = quantize::rounding::eligible(index, plan, k, config)? else {
-            continue;
-        };
-        let wt = index
-            .constant(&site.tensor)
-            .context("weight is a constant")?
-            .tensor();
-        let dims = onnx::tensor_dims(wt)?;
-        let (_, columns) = quantize::rounding::row_shape(&dims, &window);
-        let groups = match &window {
-            calib::bias::Window::Conv { group, .. } => *group,
-            _ => 1,
-        };
-        let bytes = groups * columns * columns * std::mem::size_of::<f64>();
-        if gram_bytes + bytes > GRAM_BUDGET {
-            continue;
-        }
-        gram_bytes += bytes;
-        let kernel = dims.get(2..).unwrap_or(&[]).to_vec();
-        gram_layers.push((k, tap(&index.node(node).input[0]), window, kernel));
-    }
+    let gram_layers = gram_layers(index, plan, config, &mut tap)?;
     let float = oracle::FloatModel::load(model.path(), &taps)?;
     let bar = crate::progress::bar(samples.len() as u64, "statistics", "samples", progress);
     // Per worker: range statistics per range tap, window means per corrected layer and Gram
@@ -144,6 +119,45 @@ pub fn observe(
     })
 }
 
+/// (site, tap, window, kernel) of a layer whose input windows the float pass reads.
+type WindowedLayer = (usize, usize, calib::bias::Window, Vec<usize>);
+
+/// (weight site, tap, window, kernel) of every weight that rounds with error feedback, in plan
+/// order while their Gram matrices fit the budget (the rest round to nearest); `tap` numbers the
+/// tensors the float pass reads.
+fn gram_layers(
+    index: &GraphIndex,
+    plan: &QuantPlan,
+    config: &QuantConfig,
+    tap: &mut impl FnMut(&str) -> usize,
+) -> Result<Vec<WindowedLayer>> {
+    let mut layers = vec![];
+    let mut gram_bytes = 0usize;
+    for (k, site) in plan.weights.iter().enumerate() {
+        let Some((node, window)) = quantize::rounding::eligible(index, plan, k, config)? else {
+            continue;
+        };
+        let wt = index
+            .constant(&site.tensor)
+            .context("weight is a constant")?
+            .tensor();
+        let dims = onnx::tensor_dims(wt)?;
+        let (_, columns) = quantize::rounding::row_shape(&dims, &window);
+        let groups = match &window {
+            calib::bias::Window::Conv { group, .. } => *group,
+            _ => 1,
+        };
+        let bytes = groups * columns * columns * std::mem::size_of::<f64>();
+        if gram_bytes + bytes > GRAM_BUDGET {
+            continue;
+        }
+        gram_bytes += bytes;
+        let kernel = dims.get(2..).unwrap_or(&[]).to_vec();
+        layers.push((k, tap(&index.node(node).input[0]), window, kernel));
+    }
+    Ok(layers)
+}
+
 /// Bytes of Gram matrices the statistics pass holds per worker for rounding with error feedback
 /// (each `K x K` f64 for weight rows of `K` values): all-MiniLM-L6-v2 needs 149 MB, EfficientNet-
 /// Lite0 76 MB; a decoder with 4096-wide layers would need 134 MB per layer.
@@ -152,7 +166,7 @@ const GRAM_BUDGET: usize = 1 << 30;
 /// Feeds tap `k`'s tensor to the window statistic of every layer (`(site, tap, window, kernel)`)
 /// reading it; a statistic becomes `None` once a tensor does not fit its layer's geometry.
 fn feed_windows<A: calib::bias::WindowStat>(
-    layers: &[(usize, usize, calib::bias::Window, Vec<usize>)],
+    layers: &[WindowedLayer],
     stats: &mut [Option<A>],
     k: usize,
     dims: &[usize],
