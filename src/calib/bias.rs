@@ -91,55 +91,12 @@ impl WindowStat for WindowMeans {
                 pads,
                 ..
             } => {
-                let spatial = dims.len().saturating_sub(2);
-                ensure!(
-                    (1..=2).contains(&spatial) && kernel.len() == spatial,
-                    "Conv input of shape {dims:?} with kernel {kernel:?}: bias correction handles 1-D \
-                     and 2-D convolutions"
-                );
-                // 1-D convolutions are 2-D ones of height 1.
-                let lift = |v: &[usize], one: usize| -> [usize; 2] {
-                    if spatial == 1 {
-                        [one, v[0]]
-                    } else {
-                        [v[0], v[1]]
-                    }
-                };
-                let (n, c) = (dims[0], dims[1]);
-                let [h, w] = lift(&dims[2..], 1);
-                let [kh, kw] = lift(kernel, 1);
-                let [sh, sw] = lift(strides, 1);
-                let [dh, dw] = lift(dilations, 1);
-                let (begin, out) = geometry(pads, [h, w], [kh, kw], [sh, sw], [dh, dw], spatial);
-                let [oh, ow] = out;
-                let taps = kh * kw;
-                self.sums.resize(c * taps, 0.0);
+                let (n, geo) = Im2col::of(strides, dilations, pads, kernel, dims, 1)?;
+                let ([h, w], [kh, kw], [oh, ow]) = (geo.size, geo.kernel, geo.out);
+                let c = geo.c;
+                self.sums.resize(c * kh * kw, 0.0);
                 for img in 0..n {
-                    for ch in 0..c {
-                        let plane = &x[(img * c + ch) * h * w..][..h * w];
-                        for i in 0..kh {
-                            for j in 0..kw {
-                                let mut s = 0f64;
-                                for o in 0..oh {
-                                    let Some(y) = (o * sh + i * dh).checked_sub(begin[0]) else {
-                                        continue;
-                                    };
-                                    if y >= h {
-                                        continue;
-                                    }
-                                    let row = &plane[y * w..][..w];
-                                    for p in 0..ow {
-                                        if let Some(col) = (p * sw + j * dw).checked_sub(begin[1])
-                                            && col < w
-                                        {
-                                            s += row[col] as f64;
-                                        }
-                                    }
-                                }
-                                self.sums[ch * taps + i * kw + j] += s;
-                            }
-                        }
-                    }
+                    geo.tap_sums(&mut self.sums, &x[img * c * h * w..][..c * h * w]);
                 }
                 self.count += (n * oh * ow) as u64;
             }
@@ -158,6 +115,133 @@ impl WindowMeans {
             *a += b;
         }
         self.count += other.count;
+    }
+}
+
+/// The geometry of one group's 2-D windows (1-D lifted to a height of 1): `c` channels of `size`,
+/// `kernel` taps with `strides` and `dilations`, the padding before the first row and column
+/// (`begin`), and `out` positions.
+pub(super) struct Im2col {
+    pub(super) c: usize,
+    pub(super) size: [usize; 2],
+    pub(super) kernel: [usize; 2],
+    strides: [usize; 2],
+    dilations: [usize; 2],
+    begin: [usize; 2],
+    pub(super) out: [usize; 2],
+}
+
+impl Im2col {
+    /// The windows of a Conv input of shape `dims` (`[n, channels, ...]`, 1-D or 2-D) for `kernel`
+    /// taps with the geometry of `window`, in `groups` groups: the batch size and the geometry of
+    /// one group.
+    pub(super) fn of(
+        strides: &[usize],
+        dilations: &[usize],
+        pads: &Pads,
+        kernel: &[usize],
+        dims: &[usize],
+        groups: usize,
+    ) -> Result<(usize, Im2col)> {
+        let spatial = dims.len().saturating_sub(2);
+        ensure!(
+            (1..=2).contains(&spatial) && kernel.len() == spatial,
+            "Conv input of shape {dims:?} with kernel {kernel:?}: 1-D and 2-D convolutions only"
+        );
+        // 1-D convolutions are 2-D ones of height 1.
+        let lift = |v: &[usize]| -> [usize; 2] {
+            if spatial == 1 {
+                [1, v[0]]
+            } else {
+                [v[0], v[1]]
+            }
+        };
+        let (n, c) = (dims[0], dims[1]);
+        ensure!(
+            groups > 0 && c.is_multiple_of(groups),
+            "Conv input of {c} channels in {groups} groups"
+        );
+        let (size, kernel) = (lift(&dims[2..]), lift(kernel));
+        let (strides, dilations) = (lift(strides), lift(dilations));
+        let (begin, out) = geometry(pads, size, kernel, strides, dilations, spatial);
+        Ok((
+            n,
+            Im2col {
+                c: c / groups,
+                size,
+                kernel,
+                strides,
+                dilations,
+                begin,
+                out,
+            },
+        ))
+    }
+
+    /// Adds to `sums` (`c x taps`, channel-major) each tap's values of `planes` (`c` planes of
+    /// `size`) summed over the output positions; padding adds nothing.
+    pub(super) fn tap_sums(&self, sums: &mut [f64], planes: &[f32]) {
+        let ([h, w], [kh, kw], [oh, ow]) = (self.size, self.kernel, self.out);
+        let (s, d, begin) = (self.strides, self.dilations, self.begin);
+        let taps = kh * kw;
+        for ch in 0..self.c {
+            let plane = &planes[ch * h * w..][..h * w];
+            for i in 0..kh {
+                for j in 0..kw {
+                    let mut sum = 0f64;
+                    for o in 0..oh {
+                        let Some(y) = (o * s[0] + i * d[0]).checked_sub(begin[0]) else {
+                            continue;
+                        };
+                        if y >= h {
+                            continue;
+                        }
+                        let row = &plane[y * w..][..w];
+                        for p in 0..ow {
+                            if let Some(col) = (p * s[1] + j * d[1]).checked_sub(begin[1])
+                                && col < w
+                            {
+                                sum += row[col] as f64;
+                            }
+                        }
+                    }
+                    sums[ch * taps + i * kw + j] += sum;
+                }
+            }
+        }
+    }
+
+    /// Writes the windows of `planes` (`c` planes of `size`) into `patches`, one row of
+    /// `c x taps` values (channel-major) per output position; padding reads zero.
+    pub(super) fn fill(&self, patches: &mut [f32], planes: &[f32]) {
+        let ([h, w], [kh, kw], [oh, ow]) = (self.size, self.kernel, self.out);
+        let (s, d, begin) = (self.strides, self.dilations, self.begin);
+        let taps = kh * kw;
+        let k = self.c * taps;
+        patches.fill(0.0);
+        for ch in 0..self.c {
+            let plane = &planes[ch * h * w..][..h * w];
+            for i in 0..kh {
+                for j in 0..kw {
+                    let col = ch * taps + i * kw + j;
+                    for o in 0..oh {
+                        let Some(y) = (o * s[0] + i * d[0]).checked_sub(begin[0]) else {
+                            continue;
+                        };
+                        if y >= h {
+                            continue;
+                        }
+                        for p in 0..ow {
+                            if let Some(xx) = (p * s[1] + j * d[1]).checked_sub(begin[1])
+                                && xx < w
+                            {
+                                patches[(o * ow + p) * k + col] = plane[y * w + xx];
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -9,7 +9,7 @@ use anyhow::{Result, anyhow, ensure};
 use faer::linalg::solvers::DenseSolveCore;
 use faer::{Mat, Side};
 
-use super::bias::{Window, WindowStat, geometry};
+use super::bias::{Im2col, Window, WindowStat};
 use super::grid::Grid;
 
 /// Relative damping added to the Gram matrix's diagonal (the GPTQ authors' 1 % of its mean), which
@@ -97,60 +97,16 @@ pub(super) fn patches(
             dilations,
             pads,
         } => {
-            let spatial = dims.len().saturating_sub(2);
-            ensure!(
-                (1..=2).contains(&spatial) && kernel.len() == spatial,
-                "Conv input of shape {dims:?} with kernel {kernel:?}: 1-D and 2-D convolutions only"
-            );
-            let lift = |v: &[usize]| -> [usize; 2] {
-                if spatial == 1 {
-                    [1, v[0]]
-                } else {
-                    [v[0], v[1]]
-                }
-            };
-            let (n, c) = (dims[0], dims[1]);
-            ensure!(
-                *group > 0 && c.is_multiple_of(*group),
-                "Conv input of {c} channels in {group} groups"
-            );
-            let (groups, c) = (*group, c / *group);
-            let [h, w] = lift(&dims[2..]);
-            let [kh, kw] = lift(kernel);
-            let (s, d) = (lift(strides), lift(dilations));
-            let (begin, [oh, ow]) = geometry(pads, [h, w], [kh, kw], s, d, spatial);
-            let (taps, positions) = (kh * kw, oh * ow);
-            let k = c * taps;
+            let (n, geo) = Im2col::of(strides, dilations, pads, kernel, dims, *group)?;
+            let (groups, c, [h, w], [kh, kw], [oh, ow]) =
+                (*group, geo.c, geo.size, geo.kernel, geo.out);
+            let positions = oh * ow;
+            let k = c * kh * kw;
             let mut blocks = vec![vec![0f32; positions * k]; xs.len()];
             for img in 0..n {
                 for g in 0..groups {
                     for (x, patches) in xs.iter().zip(blocks.iter_mut()) {
-                        patches.fill(0.0);
-                        for ch in 0..c {
-                            let plane = &x[((img * groups + g) * c + ch) * h * w..][..h * w];
-                            for i in 0..kh {
-                                for j in 0..kw {
-                                    let col = ch * taps + i * kw + j;
-                                    for o in 0..oh {
-                                        let Some(y) = (o * s[0] + i * d[0]).checked_sub(begin[0])
-                                        else {
-                                            continue;
-                                        };
-                                        if y >= h {
-                                            continue;
-                                        }
-                                        for p in 0..ow {
-                                            if let Some(xx) =
-                                                (p * s[1] + j * d[1]).checked_sub(begin[1])
-                                                && xx < w
-                                            {
-                                                patches[(o * ow + p) * k + col] = plane[y * w + xx];
-                                            }
-                                        }
-                                    }
-                                }
-                            }
-                        }
+                        geo.fill(patches, &x[(img * groups + g) * c * h * w..][..c * h * w]);
                     }
                     f(g, groups, &blocks, k)?;
                 }

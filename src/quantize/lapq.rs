@@ -138,15 +138,7 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
                 bar: &bar,
                 start: init_loss,
             };
-            let settings = PowellConfig {
-                max_iters: sweeps,
-                max_evals: if samples < n {
-                    budget * sweeps / config.max_iters
-                } else {
-                    budget
-                },
-                ..PowellConfig::default()
-            };
+            let settings = phase_settings(config, sweeps, samples < n, budget);
             let started = Instant::now();
             let mut trace = vec![];
             let result = calib::powell(&mut objective, &x, &settings, |_, best| trace.push(best))?;
@@ -184,6 +176,25 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
             seconds,
         },
     ))
+}
+
+/// Powell's settings for a phase of `sweeps` sweeps with `budget` evaluations left: a phase on part
+/// of the samples gets its share of the sweeps' budget, the full-sample phase all that is left.
+fn phase_settings(
+    config: &QuantConfig,
+    sweeps: usize,
+    partial: bool,
+    budget: usize,
+) -> PowellConfig {
+    PowellConfig {
+        max_iters: sweeps,
+        max_evals: if partial {
+            budget * sweeps / config.max_iters
+        } else {
+            budget
+        },
+        ..PowellConfig::default()
+    }
 }
 
 /// LAPQ's initialisation: the layer-wise Lp parameters at every p of the grid and their losses, the

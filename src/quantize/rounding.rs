@@ -278,19 +278,7 @@ fn round_weights(
         bar.inc((job.w.len() * job.gram.k) as u64);
     }
     if !paired.is_empty() {
-        // Start from nearest codes for the paired layers (each is replaced at its input site, before
-        // the network reads it) and the chosen codes of the others.
-        let mut start = c.params.clone();
-        start.weight_values = vec![None; start.weights.len()];
-        for (k, (values, ..)) in &outcomes {
-            start.weight_values[*k] = Some(values.clone());
-        }
-        let mut wanted = vec![false; start.activations.len()];
-        for job in &paired {
-            if let Some((slot, _)) = job.input {
-                wanted[slot] = true;
-            }
-        }
+        let (start, wanted) = paired_start(c, &outcomes, &paired);
         let done: Arc<Mutex<Vec<(usize, Outcome)>>> = Arc::default();
         let failed: Arc<Mutex<Option<anyhow::Error>>> = Arc::default();
         let (log, fail, bar) = (done.clone(), failed.clone(), bar.clone());
@@ -359,6 +347,24 @@ fn round_weights(
         means.extend(m);
     }
     Ok((values, layers, means))
+}
+
+/// The paired pass's start: nearest codes for the paired layers (each is replaced at its input
+/// site, before the network reads it) and the chosen codes of the others; and the activation sites
+/// the paired layers read.
+fn paired_start(c: &Calibrated, done: &[(usize, Outcome)], paired: &[Job]) -> (Params, Vec<bool>) {
+    let mut start = c.params.clone();
+    start.weight_values = vec![None; start.weights.len()];
+    for (k, (values, ..)) in done {
+        start.weight_values[*k] = Some(values.clone());
+    }
+    let mut wanted = vec![false; start.activations.len()];
+    for job in paired {
+        if let Some((slot, _)) = job.input {
+            wanted[slot] = true;
+        }
+    }
+    (start, wanted)
 }
 
 /// Whether every sample's inputs have the first sample's shapes (the paired pass needs it).

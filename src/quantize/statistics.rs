@@ -78,10 +78,46 @@ pub fn observe(
         &|| bar.inc(1),
     )?;
     bar.finish_and_clear();
-    let mut merged = vec![RangeStats::default(); ranges.len()];
-    let mut merged_means = vec![Some(WindowMeans::default()); windows.len()];
-    let mut merged_grams = vec![Some(calib::gptq::WindowGram::default()); gram_layers.len()];
-    for (stats, means, grams) in &per_worker {
+    let (merged, merged_means, merged_grams) =
+        merge_workers(&per_worker, ranges.len(), windows.len(), gram_layers.len());
+    let mut stats = vec![None; plan.activations.len()];
+    for ((site, _), s) in ranges.into_iter().zip(merged) {
+        stats[site] = Some(s);
+    }
+    let mut bias_means = vec![None; plan.biases.len()];
+    for ((b, ..), m) in windows.into_iter().zip(merged_means) {
+        bias_means[b] = m;
+    }
+    let mut grams = vec![None; plan.weights.len()];
+    for ((k, ..), g) in gram_layers.into_iter().zip(merged_grams) {
+        grams[k] = g;
+    }
+    Ok(Observations {
+        stats,
+        bias_means,
+        grams,
+    })
+}
+
+/// One worker's statistics: range statistics per range tap, window means per corrected layer, Gram
+/// matrices per rounded layer (`None` once a tensor did not fit its layer's geometry).
+type Accumulators = (
+    Vec<RangeStats>,
+    Vec<Option<WindowMeans>>,
+    Vec<Option<calib::gptq::WindowGram>>,
+);
+
+/// The workers' statistics merged in worker order.
+fn merge_workers(
+    per_worker: &[Accumulators],
+    n_ranges: usize,
+    n_windows: usize,
+    n_grams: usize,
+) -> Accumulators {
+    let mut merged = vec![RangeStats::default(); n_ranges];
+    let mut merged_means = vec![Some(WindowMeans::default()); n_windows];
+    let mut merged_grams = vec![Some(calib::gptq::WindowGram::default()); n_grams];
+    for (stats, means, grams) in per_worker {
         for (m, a) in merged_grams.iter_mut().zip(grams) {
             if let (Some(m), Some(a)) = (m.as_mut(), a)
                 && m.merge(a).is_ok()
@@ -100,23 +136,7 @@ pub fn observe(
             }
         }
     }
-    let mut stats = vec![None; plan.activations.len()];
-    for ((site, _), s) in ranges.into_iter().zip(merged) {
-        stats[site] = Some(s);
-    }
-    let mut bias_means = vec![None; plan.biases.len()];
-    for ((b, ..), m) in windows.into_iter().zip(merged_means) {
-        bias_means[b] = m;
-    }
-    let mut grams = vec![None; plan.weights.len()];
-    for ((k, ..), g) in gram_layers.into_iter().zip(merged_grams) {
-        grams[k] = g;
-    }
-    Ok(Observations {
-        stats,
-        bias_means,
-        grams,
-    })
+    (merged, merged_means, merged_grams)
 }
 
 /// (site, tap, window, kernel) of a layer whose input windows the float pass reads.
