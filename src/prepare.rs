@@ -135,18 +135,7 @@ fn fold_batch_norm(graph: &mut onnx::GraphProto, bn: usize) -> Result<Option<Mer
         return Ok(None);
     }
     let epsilon = onnx::attr_f(node, "epsilon", 1e-5) as f64;
-    let factor: Vec<f64> = (0..channels)
-        .map(|k| scale[k] as f64 / (var[k] as f64 + epsilon).sqrt())
-        .collect();
-    let per_channel = weight.len() / channels;
-    let new_weight: Vec<f32> = weight
-        .iter()
-        .enumerate()
-        .map(|(i, &w)| (w as f64 * factor[i / per_channel]) as f32)
-        .collect();
-    let new_bias: Vec<f32> = (0..channels)
-        .map(|k| ((bias[k] as f64 - mean[k] as f64) * factor[k] + beta[k] as f64) as f32)
-        .collect();
+    let (new_weight, new_bias) = folded(&weight, &bias, &params, epsilon);
 
     let conv_label = onnx::node_label(&graph.node[conv]);
     let out = node.output[0].clone();
@@ -181,6 +170,26 @@ fn fold_batch_norm(graph: &mut onnx::GraphProto, bn: usize) -> Result<Option<Mer
         op_type: removed.op_type().to_string(),
         into: conv_label,
     }))
+}
+
+/// A Conv's weight and bias (one value per output channel) with a BatchNormalization of parameters
+/// `bn` (scale, beta, mean, variance per channel) and `epsilon` folded in.
+fn folded(weight: &[f32], bias: &[f32], bn: &[Vec<f32>], epsilon: f64) -> (Vec<f32>, Vec<f32>) {
+    let (scale, beta, mean, var) = (&bn[0], &bn[1], &bn[2], &bn[3]);
+    let channels = bias.len();
+    let factor: Vec<f64> = (0..channels)
+        .map(|k| scale[k] as f64 / (var[k] as f64 + epsilon).sqrt())
+        .collect();
+    let per_channel = weight.len() / channels;
+    let new_weight = weight
+        .iter()
+        .enumerate()
+        .map(|(i, &w)| (w as f64 * factor[i / per_channel]) as f32)
+        .collect();
+    let new_bias = (0..channels)
+        .map(|k| ((bias[k] as f64 - mean[k] as f64) * factor[k] + beta[k] as f64) as f32)
+        .collect();
+    (new_weight, new_bias)
 }
 
 /// A per-channel affine output that MatMuls read, whose channels can move into their weights
@@ -301,20 +310,7 @@ fn affine(index: &GraphIndex, tensor: &str) -> Result<Option<(Affine, usize)>> {
     let mut matmuls = vec![];
     let mut others = vec![];
     for &r in index.consumers(tensor) {
-        let n = index.node(r);
-        let absorbs = n.op_type() == "MatMul"
-            && matches!(n.domain(), "" | "ai.onnx")
-            && n.input.first().map(String::as_str) == Some(tensor)
-            && n.input.get(1).is_some_and(|w| {
-                w != tensor
-                    && index.consumers(w).len() == 1
-                    && index.constant(w).is_some_and(|c| {
-                        let t = c.tensor();
-                        t.data_type() == DataType::Float as i32
-                            && onnx::tensor_dims(t).is_ok_and(|d| d.len() == 2 && d[0] == channels)
-                    })
-            });
-        if absorbs {
+        if absorbs(index, index.node(r), tensor, channels) {
             matmuls.push(r);
         } else {
             others.push(r);
@@ -333,6 +329,23 @@ fn affine(index: &GraphIndex, tensor: &str) -> Result<Option<(Affine, usize)>> {
         },
         channels,
     )))
+}
+
+/// Whether `n` can absorb `tensor`'s channel scales: a MatMul reading it first, with a float
+/// constant `channels x N` weight that nothing else reads.
+fn absorbs(index: &GraphIndex, n: &NodeProto, tensor: &str, channels: usize) -> bool {
+    n.op_type() == "MatMul"
+        && matches!(n.domain(), "" | "ai.onnx")
+        && n.input.first().map(String::as_str) == Some(tensor)
+        && n.input.get(1).is_some_and(|w| {
+            w != tensor
+                && index.consumers(w).len() == 1
+                && index.constant(w).is_some_and(|c| {
+                    let t = c.tensor();
+                    t.data_type() == DataType::Float as i32
+                        && onnx::tensor_dims(t).is_ok_and(|d| d.len() == 2 && d[0] == channels)
+                })
+        })
 }
 
 /// Every output of the graph that `smooth` can rescale, in graph order.

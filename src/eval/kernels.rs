@@ -87,6 +87,47 @@ enum Shape {
     },
 }
 
+/// The input codes `group` (`[n, c, spatial...]`) seen by kernel tap `t` at every output position,
+/// channels last: one column block of the im2col matrix.
+fn tap_column(
+    e: &mut Emit,
+    group: &str,
+    t: usize,
+    kernel: &[usize],
+    dilations: &[i64],
+    strides: &[i64],
+    to_last: &[i64],
+) -> String {
+    let rank = kernel.len();
+    // Tap t's position along each spatial axis, the last axis fastest.
+    let mut rest = t;
+    let mut at = vec![0usize; rank];
+    for d in (0..rank).rev() {
+        at[d] = rest % kernel[d];
+        rest /= kernel[d];
+    }
+    let starts: Vec<i64> = (0..rank).map(|d| at[d] as i64 * dilations[d]).collect();
+    let ends: Vec<i64> = (0..rank)
+        .map(|d| match dilations[d] * (kernel[d] - 1 - at[d]) as i64 {
+            0 => i64::MAX,
+            room => -room,
+        })
+        .collect();
+    let axes: Vec<i64> = (2..2 + rank as i64).collect();
+    let inputs = [
+        e.i64s("starts", &[rank], starts),
+        e.i64s("ends", &[rank], ends),
+        e.i64s("axes", &[rank], axes),
+        e.i64s("steps", &[rank], strides.to_vec()),
+    ];
+    let sliced = e.op(
+        "Slice",
+        &[group, &inputs[0], &inputs[1], &inputs[2], &inputs[3]],
+        vec![],
+    );
+    e.op("Transpose", &[&sliced], vec![ints("perm", to_last)])
+}
+
 /// A layer's weight codes (shape `dims`) and the scales that turn its integer sums into output.
 struct Codes<'a> {
     dims: &'a [usize],
@@ -306,36 +347,9 @@ impl Layer {
             } else {
                 padded.clone()
             };
-            let mut columns = vec![];
-            for t in 0..taps {
-                // Tap t's position along each spatial axis, the last axis fastest.
-                let mut rest = t;
-                let mut at = vec![0usize; rank];
-                for d in (0..rank).rev() {
-                    at[d] = rest % kernel[d];
-                    rest /= kernel[d];
-                }
-                let starts: Vec<i64> = (0..rank).map(|d| at[d] as i64 * dilations[d]).collect();
-                let ends: Vec<i64> = (0..rank)
-                    .map(|d| match dilations[d] * (kernel[d] - 1 - at[d]) as i64 {
-                        0 => i64::MAX,
-                        room => -room,
-                    })
-                    .collect();
-                let axes: Vec<i64> = (2..2 + rank as i64).collect();
-                let inputs = [
-                    e.i64s("starts", &[rank], starts),
-                    e.i64s("ends", &[rank], ends),
-                    e.i64s("axes", &[rank], axes),
-                    e.i64s("steps", &[rank], strides.clone()),
-                ];
-                let sliced = e.op(
-                    "Slice",
-                    &[&group, &inputs[0], &inputs[1], &inputs[2], &inputs[3]],
-                    vec![],
-                );
-                columns.push(e.op("Transpose", &[&sliced], vec![ints("perm", &to_last)]));
-            }
+            let columns: Vec<String> = (0..taps)
+                .map(|t| tap_column(e, &group, t, kernel, dilations, strides, &to_last))
+                .collect();
             let refs: Vec<&str> = columns.iter().map(String::as_str).collect();
             let im2col = if refs.len() > 1 {
                 e.op("Concat", &refs, vec![onnx::make_attr_i("axis", -1)])

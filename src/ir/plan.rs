@@ -642,36 +642,10 @@ impl Planner<'_, '_> {
                 onnx::node_label(node)
             );
         };
-        if let Some(b) = b {
-            let Some(bc) = self
-                .index
-                .constant(b)
-                .filter(|c| c.tensor().data_type() == onnx::DataType::Float as i32)
-            else {
-                return Ok(Decision::Float(SkipReason::UnsupportedBias(
-                    b.into(),
-                    "is not a float constant",
-                )));
-            };
-            let bdims = tensor_dims(bc.tensor())?;
-            if bdims.len() != 1 {
-                return Ok(Decision::Float(SkipReason::UnsupportedBias(
-                    b.into(),
-                    "is not one-dimensional",
-                )));
-            }
-            if node.op_type() == "Gemm" && bdims[0] != channels {
-                return Ok(Decision::Float(SkipReason::UnsupportedBias(
-                    b.into(),
-                    "does not have one value per output",
-                )));
-            }
-            if node.op_type() != "Gemm" && bdims[0] != channels * group_factor(node, axis) {
-                return Ok(Decision::Float(SkipReason::UnsupportedBias(
-                    b.into(),
-                    "does not match the output channels",
-                )));
-            }
+        if let Some(b) = b
+            && let Some(reason) = self.bias_problem(node, b, channels, axis)?
+        {
+            return Ok(Decision::Float(reason));
         }
         let per_channel = self.config.per_channel && group_factor(node, axis) == 1;
         let depthwise = super::depthwise_conv(node, &wdims);
@@ -705,6 +679,47 @@ impl Planner<'_, '_> {
         }
         self.outputs(i, None);
         Ok(Decision::Quantized)
+    }
+
+    /// Why bias `b` of `node` (weight output channels `channels` along `axis`) keeps the node float:
+    /// not a float constant, not one-dimensional, or not one value per output channel.
+    fn bias_problem(
+        &self,
+        node: &onnx::NodeProto,
+        b: &str,
+        channels: usize,
+        axis: usize,
+    ) -> Result<Option<SkipReason>> {
+        let Some(bc) = self
+            .index
+            .constant(b)
+            .filter(|c| c.tensor().data_type() == onnx::DataType::Float as i32)
+        else {
+            return Ok(Some(SkipReason::UnsupportedBias(
+                b.into(),
+                "is not a float constant",
+            )));
+        };
+        let bdims = tensor_dims(bc.tensor())?;
+        if bdims.len() != 1 {
+            return Ok(Some(SkipReason::UnsupportedBias(
+                b.into(),
+                "is not one-dimensional",
+            )));
+        }
+        if node.op_type() == "Gemm" && bdims[0] != channels {
+            return Ok(Some(SkipReason::UnsupportedBias(
+                b.into(),
+                "does not have one value per output",
+            )));
+        }
+        if node.op_type() != "Gemm" && bdims[0] != channels * group_factor(node, axis) {
+            return Ok(Some(SkipReason::UnsupportedBias(
+                b.into(),
+                "does not match the output channels",
+            )));
+        }
+        Ok(None)
     }
 
     /// MatMul and the ops with independent parameters: every float input and every float output.

@@ -609,6 +609,37 @@ struct TailModels {
     tail: Plans,
 }
 
+/// Where weight site `w` (named `name`) enters tract's graph: the outlet its readers read, and
+/// their inlets.
+fn weight_inlets(
+    model: &InferenceModel,
+    sites: &Sites,
+    w: usize,
+    name: &str,
+) -> Result<(OutletId, Vec<InletId>)> {
+    let inlets = sites
+        .weight_readers
+        .get(w)
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .map(|(node, k)| {
+            let id = model
+                .node_id_by_name(node)
+                .with_context(|| format!("node '{node}' not in tract's graph"))?;
+            Ok(InletId::new(id, *k))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let first = inlets
+        .first()
+        .with_context(|| format!("weight '{name}' has no reader"))?;
+    let outlet = *model
+        .node(first.node)
+        .inputs
+        .get(first.slot)
+        .with_context(|| format!("weight '{name}' is not an input of its reader"))?;
+    Ok((outlet, inlets))
+}
+
 impl QuantModel {
     /// Loads the float ONNX model at `path` and inserts fake quantization at every site.
     pub fn load(path: &std::path::Path, sites: &Sites) -> Result<QuantModel> {
@@ -639,32 +670,7 @@ impl QuantModel {
                     let outlet = find_outlet(&model, name)?;
                     (outlet, model.outlet_successors(outlet).to_vec())
                 }
-                Some(w) => {
-                    let inlets = sites
-                        .weight_readers
-                        .get(w)
-                        .map_or(&[][..], Vec::as_slice)
-                        .iter()
-                        .map(|(node, k)| {
-                            let id = model
-                                .node_id_by_name(node)
-                                .with_context(|| format!("node '{node}' not in tract's graph"))?;
-                            Ok(InletId::new(id, *k))
-                        })
-                        .collect::<Result<Vec<_>>>()?;
-                    let first = inlets
-                        .first()
-                        .with_context(|| format!("weight '{name}' has no reader"))?;
-                    let outlet =
-                        *model
-                            .node(first.node)
-                            .inputs
-                            .get(first.slot)
-                            .with_context(|| {
-                                format!("weight '{name}' is not an input of its reader")
-                            })?;
-                    (outlet, inlets)
-                }
+                Some(w) => weight_inlets(&model, sites, w, name)?,
             };
             let fq = model.add_node(
                 format!("lapq.fq.{slot}.{name}"),

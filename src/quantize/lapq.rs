@@ -77,7 +77,6 @@ fn schedule(max_iters: usize, n: usize) -> Vec<(usize, usize)> {
 /// Runs LAPQ from a calibrated run (its MinMax parameters and statistics) and returns the parameters
 /// it found with what it did.
 pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Params, LapqReport)> {
-    let index = GraphIndex::new(&c.model)?;
     let mut seconds = BTreeMap::new();
     let mut t = Instant::now();
     let mut lap = |name: &str, seconds: &mut BTreeMap<String, f64>| {
@@ -86,8 +85,7 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
     };
     let n = config.lapq_samples.clamp(1, c.samples.len().max(1));
     let oracle = crate::quantize::sites::oracle(c, n, 1)?;
-    let weights = WeightValues::read(&index, &c.plan)?;
-    let biases = &c.biases;
+    let weights = WeightValues::read(&GraphIndex::new(&c.model)?, &c.plan)?;
     lap("oracle", &mut seconds);
 
     let coords = coordinates(&c.plan, config);
@@ -122,7 +120,7 @@ pub fn lapq(c: &Calibrated, config: &QuantConfig, progress: bool) -> Result<(Par
     if !coords.is_empty() && config.max_iters > 0 {
         let map = Mapping {
             plan: &c.plan,
-            biases,
+            biases: &c.biases,
             base: init,
             ceiling: &c.params,
             coords: coords.clone(),
