@@ -38,7 +38,7 @@ pub fn qdq_model(
         "internal: parameters do not match the plan"
     );
     let storage = Storage::new(index, plan, params, container);
-    let mut e = Emit {
+    let mut e = QdqBuilder {
         index,
         names: Names {
             index,
@@ -100,7 +100,7 @@ pub fn qdq_model(
 /// The QDQ graph under construction: new initializers and the nodes before the first original one,
 /// and what the original nodes become (renamed inputs and outputs, removed nodes and constants,
 /// Q/DQ pairs after a tensor's producer).
-struct Emit<'a, 'm> {
+struct QdqBuilder<'a, 'm> {
     index: &'a GraphIndex<'m>,
     names: Names<'a, 'm>,
     new_inits: Vec<TensorProto>,
@@ -120,7 +120,7 @@ struct Emit<'a, 'm> {
     after: HashMap<String, Vec<NodeProto>>,
 }
 
-impl Emit<'_, '_> {
+impl QdqBuilder<'_, '_> {
     /// Each weight as codes behind a lone DequantizeLinear.
     fn weights(&mut self, plan: &QuantPlan, params: &Params, storage: &Storage) -> Result<()> {
         let index = self.index;
